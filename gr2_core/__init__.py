@@ -1,0 +1,1 @@
+"""GR2 algorithms as plain typed functions: no Prefect, no MLflow in this package."""

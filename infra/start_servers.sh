@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# `make ui`: start a real Prefect server and a real MLflow server on 127.0.0.1, on the same
+# databases that `make run` writes (var/prefect, var/mlflow.db), and print their URLs.
+# `make ui-stop` (this script with `stop`) stops them.
+# Ports: PREFECT_PORT (default 4200), MLFLOW_PORT (default 5000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${VENV:-.venv}/bin
+VAR=$PWD/var
+RUN=$VAR/ui
+PREFECT_PORT=${PREFECT_PORT:-4200}
+MLFLOW_PORT=${MLFLOW_PORT:-5000}
+mkdir -p "$RUN" "$VAR/mlartifacts"
+export PREFECT_HOME=${PREFECT_HOME:-$VAR/prefect}
+
+stop() {
+  for name in prefect mlflow; do
+    if [ -f "$RUN/$name.pid" ]; then
+      pid=$(cat "$RUN/$name.pid")
+      kill -- -"$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+      rm -f "$RUN/$name.pid"
+      echo "stopped $name ($pid)"
+    fi
+  done
+}
+
+wait_for() {  # url, name, seconds
+  for _ in $(seq "$3"); do
+    if curl -fsS "$1" >/dev/null 2>&1; then return 0; fi
+    sleep 1
+  done
+  echo "$2 did not answer at $1 within $3 s; see $RUN/$2.log" >&2
+  return 1
+}
+
+if [ "${1:-start}" = stop ]; then stop; exit 0; fi
+
+if ! curl -fsS "http://127.0.0.1:$PREFECT_PORT/api/health" >/dev/null 2>&1; then
+  setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT" \
+    >"$RUN/prefect.log" 2>&1 < /dev/null &
+  echo $! > "$RUN/prefect.pid"
+fi
+if ! curl -fsS "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null 2>&1; then
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$BIN/mlflow" server \
+    --backend-store-uri "sqlite:///$VAR/mlflow.db" \
+    --artifacts-destination "$VAR/mlartifacts" \
+    --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    >"$RUN/mlflow.log" 2>&1 < /dev/null &
+  echo $! > "$RUN/mlflow.pid"
+fi
+wait_for "http://127.0.0.1:$PREFECT_PORT/api/health" prefect 90
+wait_for "http://127.0.0.1:$MLFLOW_PORT/health" mlflow 90
+cat <<TXT
+Prefect UI: http://127.0.0.1:$PREFECT_PORT   (flow runs, task states, the gr2-baselines table artifact)
+MLflow UI:  http://127.0.0.1:$MLFLOW_PORT   (experiment gr2-reranker: parent run per flow run, child run per stage)
+To send new runs through the servers: export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api
+Stop both: make ui-stop
+TXT

@@ -1,0 +1,83 @@
+"""Stage `baselines`: pre-ranker, popularity and random orderings, both modes, with CIs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+import gr2_core.baselines
+import gr2_core.metrics
+from data_contracts.config import PipelineConfig
+from data_contracts.manifest import Manifest
+from gr2_core.baselines import (
+    evaluate_orderings,
+    format_table,
+    item_counts,
+    popularity_order,
+    preranker_order,
+    random_order,
+    to_markdown,
+)
+from tasks.data import read
+from tasks.stage import Stage, StageResult
+from tasks.tracking import StageRun, Tracking, finish_parent
+
+STAGE = Stage("baselines", lambda c: c.evaluation, (gr2_core.baselines, gr2_core.metrics))
+
+
+@task(name="baselines", cache_key_fn=STAGE.cache_key_fn, persist_result=True)
+def evaluate_baselines(
+    config: PipelineConfig, split: Manifest, candidates: Manifest, tracking: Tracking
+) -> Manifest:
+    """Metrics table of the reference orderings on valid and test."""
+    cfg = config.evaluation
+
+    def body(work: Path, run: StageRun, _: list[Manifest]) -> StageResult:
+        slates = read(candidates, "slates")
+        orderings = {
+            "preranker": preranker_order(),
+            "popularity": popularity_order(item_counts(read(split, "preranker_train"))),
+            "random": random_order(cfg.seed),
+        }
+        metrics = evaluate_orderings(slates, orderings, cfg, ("valid", "test"))
+        metrics.write_parquet(work / "metrics.parquet")
+        table = format_table(metrics)
+        title = f"Baselines on {config.data.dataset} (profile {config.profile})"
+        markdown = f"# {title}\n\nvalue [95% bootstrap CI]\n\n{to_markdown(table)}\n"
+        (work / "metrics.md").write_text(markdown)
+        run.log_text(markdown, "metrics.md")
+        run.log_table(metrics, "metrics.csv")
+        flat = {
+            f"{r['split']}/{r['method']}.{r['mode']}.{r['metric']}": r["value"]
+            for r in metrics.iter_rows(named=True)
+        }
+        get_run_logger().info("baselines:\n%s", to_markdown(table))
+        return StageResult({"metrics": "metrics.parquet", "report": "metrics.md"}, flat)
+
+    return STAGE.run(config, [split, candidates], tracking, body)
+
+
+@task(name="publish")
+def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) -> dict[str, str]:
+    """Every run (cached or not): table artifact in Prefect, stage links on the parent run."""
+    baselines = next(m for m in stages if m.stage == "baselines")
+    table = format_table(read(baselines, "metrics"))
+    create_table_artifact(
+        table.to_dicts(),
+        key="gr2-baselines",
+        description=f"Baselines on {config.data.dataset} ({config.profile}): value [95% CI]",
+    )
+    tags = {}
+    for m in stages:
+        tags[f"gr2.stage.{m.stage}.key"] = m.key
+        tags[f"gr2.stage.{m.stage}.run_id"] = m.mlflow_run_id or ""
+        tags[f"gr2.stage.{m.stage}.dir"] = m.directory
+    finish_parent(tracking, tags=tags)
+    return {
+        "report": baselines.path("report").read_text(),
+        "tracking_uri": tracking.tracking_uri,
+        "experiment_id": tracking.experiment_id,
+        "mlflow_run_id": tracking.parent_run_id or "",
+    }

@@ -1,0 +1,106 @@
+"""Stages `preranker` (train SASRec on training prefixes) and `candidates` (faiss slates)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
+from prefect import get_run_logger, task  # noqa: E402
+
+import gr2_core.preranker  # noqa: E402
+from data_contracts.config import PipelineConfig  # noqa: E402
+from data_contracts.manifest import Manifest  # noqa: E402
+from gr2_core import preranker as core  # noqa: E402
+from tasks.data import read  # noqa: E402
+from tasks.stage import Stage, StageResult  # noqa: E402
+from tasks.tracking import StageRun, Tracking  # noqa: E402
+
+TRAIN = Stage("preranker", lambda c: c.preranker, (gr2_core.preranker,))
+CANDIDATES = Stage("candidates", lambda c: c.preranker, (gr2_core.preranker,))
+
+
+def _monitor(samples: pl.DataFrame, vocab: core.ItemVocab) -> tuple[list[list[int]], list[int]]:
+    """Each user's earliest reranker-train position: out-of-sample for the pre-ranker."""
+    first = samples.filter(pl.col("split") == "train").sort("position").unique("user_id", keep="first")
+    return [vocab.encode(h) for h in first["history"]], [vocab.index[t] for t in first["target"]]
+
+
+def _plot(history: list[dict[str, float]], path: Path) -> plt.Figure:
+    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    epochs = [r["epoch"] for r in history]
+    ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    if "monitor_ndcg@10" in history[0]:
+        ax2 = ax1.twinx()
+        ax2.plot(epochs, [r["monitor_ndcg@10"] for r in history], "s--", color="C1", label="NDCG@10")
+        ax2.set_ylabel("held-out NDCG@10 (full ranking)")
+    ax1.set_title("SASRec pre-ranker")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return fig
+
+
+@task(name="preranker", cache_key_fn=TRAIN.cache_key_fn, persist_result=True)
+def train_preranker(
+    config: PipelineConfig, data: Manifest, split: Manifest, tracking: Tracking
+) -> Manifest:
+    """Train the SASRec pre-ranker; resumes from its checkpoint after a crash."""
+    cfg = config.preranker
+
+    def body(work: Path, run: StageRun, _: list[Manifest]) -> StageResult:
+        vocab = core.ItemVocab(read(data, "items")["item_id"].to_list())
+        train = [vocab.encode(s) for s in read(split, "preranker_train")["items"]]
+        monitor = _monitor(read(split, "samples"), vocab)
+        log = get_run_logger()
+        log.info("preranker: %d sequences, %d items, %d epochs", len(train), len(vocab.items), cfg.epochs)
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            log.info("preranker epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+
+        model, history = core.train_sasrec(
+            train, len(vocab.items), cfg, monitor, on_epoch, checkpoint=work / "checkpoint.pt"
+        )
+        core.save(model, vocab, work)
+        pl.DataFrame(history).write_parquet(work / "history.parquet")
+        run.log_figure(_plot(history, work / "training.png"), "training.png")
+        best = max(history, key=lambda r: r.get("monitor_ndcg@10", 0.0))
+        files = {
+            "model": "model.pt",
+            "config": "config.json",
+            "items": "items.parquet",
+            "history": "history.parquet",
+            "plot": "training.png",
+        }
+        run.log_artifact(work / "model.pt", "model")
+        run.log_artifact(work / "config.json", "model")
+        metrics = {"best_epoch": best["epoch"], "epochs_run": float(len(history))}
+        metrics |= {f"best_{k}": v for k, v in best.items() if k.startswith("monitor")}
+        return StageResult(files, metrics, scratch=["checkpoint.pt"])
+
+    return TRAIN.run(config, [data, split], tracking, body)
+
+
+@task(name="candidates", cache_key_fn=CANDIDATES.cache_key_fn, persist_result=True)
+def generate_candidates(
+    config: PipelineConfig, split: Manifest, preranker: Manifest, tracking: Tracking
+) -> Manifest:
+    """Top-|D| slates for every reranker sample, history items excluded."""
+
+    def body(work: Path, run: StageRun, _: list[Manifest]) -> StageResult:
+        model, vocab = core.load(Path(preranker.directory))
+        slates = core.generate_slates(
+            model, vocab, read(split, "samples"), read(split, "sequences"), config.preranker.slate_size
+        )
+        slates.write_parquet(work / "slates.parquet")
+        cov = slates.group_by("split").agg(pl.col("target_rank").is_not_null().mean())
+        metrics = {f"{s}/coverage": float(v) for s, v in cov.iter_rows()}
+        get_run_logger().info("candidates: coverage %s", metrics)
+        return StageResult({"slates": "slates.parquet"}, metrics)
+
+    return CANDIDATES.run(config, [split, preranker], tracking, body)

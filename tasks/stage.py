@@ -1,0 +1,105 @@
+"""What every stage task shares: its key, its Prefect cache key, and the run protocol.
+
+A task module declares one `Stage` (name, which part of the config it depends on, which code)
+and a body `(work_dir, run, inputs) -> StageResult`; `Stage.run` does the rest: return a complete
+earlier output with the same key, or open the work folder, open the MLflow child run, call the
+body, publish the folder with its manifest, and tag the parent run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.context import TaskRunContext
+
+from data_contracts.config import PipelineConfig, StageConfig
+from data_contracts.manifest import Manifest
+from tasks.store import StageDir, code_version, stage_key
+from tasks.tracking import StageRun, Tracking, stage_run
+
+
+@dataclass
+class StageResult:
+    """What a stage body returns: output files (name -> path in the work folder), metrics."""
+
+    files: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    scratch: Sequence[str] = ()
+
+
+Body = Callable[[Path, StageRun, Sequence[Manifest]], StageResult]
+
+
+def require(manifest: Manifest) -> Manifest:
+    """Fail clearly if an upstream output recorded by a cached run was deleted since."""
+    missing = [n for n in manifest.files if not manifest.path(n).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"upstream stage '{manifest.stage}' output {missing} is missing from "
+            f"{manifest.directory} (deleted after a cached run?); rerun with `gr2 run --refresh`"
+        )
+    return manifest
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named stage: its config section and the modules its output depends on."""
+
+    name: str
+    section: Callable[[PipelineConfig], StageConfig]
+    code: tuple[ModuleType, ...]
+    # content that the config does not capture, e.g. hashes of the raw input files
+    fingerprint: Callable[[PipelineConfig], Mapping] | None = None
+
+    def identity(self, config: PipelineConfig) -> dict:
+        extra = self.fingerprint(config) if self.fingerprint else {}
+        return {"config": self.section(config).digest(), "extra": extra}
+
+    def key(self, config: PipelineConfig, upstream: Sequence[Manifest]) -> str:
+        return stage_key(self.name, self.identity(config), upstream, code_version(self.code))
+
+    def cache_key_fn(self, context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        """Prefect cache key: the stage key, scoped to the artifacts root in use."""
+        config: PipelineConfig = parameters["config"]
+        upstream = [v for v in parameters.values() if isinstance(v, Manifest)]
+        root = hashlib.sha256(str(Path(config.artifacts_root).resolve()).encode()).hexdigest()[:8]
+        return f"gr2-{self.name}-{self.key(config, upstream)}-{root}"
+
+    def run(
+        self,
+        config: PipelineConfig,
+        upstream: Sequence[Manifest],
+        tracking: Tracking,
+        body: Body,
+    ) -> Manifest:
+        log = get_run_logger()
+        for m in upstream:
+            require(m)
+        key = self.key(config, upstream)
+        folder = StageDir(Path(config.artifacts_root), self.name, key)
+        if (done := folder.existing()) is not None:
+            log.info("%s: output %s already complete, reusing it", self.name, done.directory)
+            return done
+        work = folder.open()
+        log.info("%s: key %s, writing to %s", self.name, key, work)
+        with stage_run(tracking, self.name, key, self.section(config)) as run:
+            result = body(work, run, upstream)
+            run.log_metrics(result.metrics)
+            manifest = folder.commit(
+                result.files,
+                self.identity(config),
+                upstream,
+                code_version(self.code),
+                result.metrics,
+                run.run_id,
+                result.scratch,
+            )
+            run.log_text(manifest.model_dump_json(indent=2), "manifest.json")
+        log.info("%s: done -> %s", self.name, manifest.directory)
+        return manifest
