@@ -179,7 +179,9 @@ METRICS = pa.DataFrameSchema(
     {
         "method": pa.Column(pl.Utf8, nullable=False),
         "split": pa.Column(pl.Utf8, nullable=False, checks=pa.Check.isin(SPLITS)),
-        "mode": pa.Column(pl.Utf8, nullable=False, checks=pa.Check.isin(["conditional", "end_to_end"])),
+        "mode": pa.Column(
+            pl.Utf8, nullable=False, checks=pa.Check.isin(["conditional", "end_to_end"])
+        ),
         "metric": pa.Column(pl.Utf8, nullable=False),
         "value": pa.Column(pl.Float64, nullable=False),
         "ci_low": pa.Column(pl.Float64, nullable=False),

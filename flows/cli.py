@@ -1,9 +1,9 @@
 """`gr2`: run the pipeline, check your own data files, list profiles.
 
-    gr2 run --profile demo                      # the embedded default
-    gr2 run --config my.yaml --set preranker.epochs=3
-    gr2 validate --interactions i.csv --items items.csv [--users users.csv]
-    gr2 profiles
+gr2 run --profile demo                      # the embedded default
+gr2 run --config my.yaml --set preranker.epochs=3
+gr2 validate --interactions i.csv --items items.csv [--users users.csv]
+gr2 profiles
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import yaml
 
@@ -37,28 +36,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = gr2_pipeline(config)
     print()
     print(result["report"])
-    print(f"MLflow: tracking URI {result['tracking_uri']}, experiment {result['experiment_id']}, "
-          f"run {result['mlflow_run_id']}")
-    print("Browse runs: `make ui`, then Prefect at http://127.0.0.1:4200 and MLflow at "
-          f"http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['mlflow_run_id']}")
+    print(
+        f"MLflow: tracking URI {result['tracking_uri']}, experiment {result['experiment_id']}, "
+        f"run {result['mlflow_run_id']}"
+    )
+    print(
+        "Browse runs: `make ui`, then Prefect at http://127.0.0.1:4200 and MLflow at "
+        f"http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['mlflow_run_id']}"
+    )
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from gr2_core.data import DataErrors, Sources, load_tables
+    from data_contracts.config import DataConfig
     from data_contracts.tables import ContractError
+    from gr2_core.data import DataErrors, load_tables, preprocess, resolve_sources
 
-    sources = Sources(Path(args.interactions), Path(args.items), Path(args.users) if args.users else None)
+    cfg = DataConfig(
+        dataset="custom",
+        interactions_path=args.interactions,
+        items_path=args.items,
+        users_path=args.users,
+        min_user_interactions=args.min_user_interactions,
+        min_item_interactions=args.min_item_interactions,
+    )
+    sources = resolve_sources(cfg)
     try:
-        tables = load_tables(sources)
-    except (ContractError, DataErrors) as err:
-        print(err, file=sys.stderr)
-        return 1
-    except FileNotFoundError as err:
-        print(err, file=sys.stderr)
+        raw = load_tables(sources)
+        tables = preprocess(raw, cfg, str(sources.interactions))
+    except (ContractError, DataErrors, FileNotFoundError) as err:
+        print(f"INVALID\n{err}", file=sys.stderr)
         return 1
     users = tables.users.height if tables.users is not None else 0
-    print(f"OK: {tables.interactions.height} interactions, {tables.items.height} items, {users} users")
+    print(
+        f"OK: {raw.interactions.height} interactions, {raw.items.height} items, {users} users; "
+        f"after the {cfg.min_user_interactions}/{cfg.min_item_interactions}-core filter: "
+        f"{tables.interactions.height} interactions, "
+        f"{tables.interactions['user_id'].n_unique()} users, {tables.items.height} items"
+    )
     return 0
 
 
@@ -77,14 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the GR2 pipeline flow")
     run.add_argument("--profile", default="demo", help="a profile in infra/configs/ (default demo)")
     run.add_argument("--config", help="a YAML config file (overrides --profile)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a field, e.g. preranker.epochs=3 (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. preranker.epochs=3 (repeatable)",
+    )
     run.add_argument("--refresh", action="store_true", help="ignore cached stage results")
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check your own data files against the contracts")
     val.add_argument("--interactions", required=True)
     val.add_argument("--items", required=True)
     val.add_argument("--users")
+    val.add_argument("--min-user-interactions", type=int, default=5)
+    val.add_argument("--min-item-interactions", type=int, default=5)
     val.set_defaults(func=cmd_validate)
     prof = sub.add_parser("profiles", help="list the config profiles")
     prof.set_defaults(func=cmd_profiles)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from data_contracts.config import PipelineConfig
+from data_contracts.config import PipelineConfig, load_profile
 from tasks.data import load_data
 from tasks.evaluate import evaluate_baselines, publish
 from tasks.preranker import generate_candidates, train_preranker
@@ -19,10 +19,11 @@ from tasks.split import split_sequences
 from tasks.tracking import fail_parent_hook
 
 FLOW_NAME = "gr2-pipeline"
+DEMO = load_profile("demo")  # the form's defaults in the Prefect UI
 
 
 @flow(name=FLOW_NAME, on_failure=[fail_parent_hook], on_crashed=[fail_parent_hook])
-def gr2_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, str]:
+def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
     """Load and validate data, split, train the pre-ranker, build slates, evaluate baselines."""
     tracking = start_tracking(config, FLOW_NAME)
     data = load_data(config, tracking)
@@ -34,6 +35,4 @@ def gr2_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    from data_contracts.config import load_profile
-
-    gr2_pipeline(load_profile("demo"))
+    gr2_pipeline(DEMO)

@@ -42,7 +42,9 @@ def random_order(seed: int) -> Reorder:
 
 def item_counts(train_sequences: pl.DataFrame) -> dict[str, int]:
     """Interactions per item in the pre-ranker's training prefixes."""
-    counts = train_sequences.select(pl.col("items").explode().alias("item_id")).group_by("item_id").len()
+    counts = (
+        train_sequences.select(pl.col("items").explode().alias("item_id")).group_by("item_id").len()
+    )
     return dict(counts.iter_rows())
 
 
@@ -59,8 +61,16 @@ def evaluate_orderings(
                 for t, c in zip(part["target"].to_list(), part["candidates"].to_list(), strict=True)
             ]
             tables.append(
-                metrics_table(name, split, ranks, cfg.ks, cfg.ndcg_ks,
-                              cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+                metrics_table(
+                    name,
+                    split,
+                    ranks,
+                    cfg.ks,
+                    cfg.ndcg_ks,
+                    cfg.bootstrap_samples,
+                    cfg.confidence,
+                    cfg.seed,
+                )
             )
     return validate(METRICS, pl.concat(tables), "metrics")
 
@@ -77,8 +87,12 @@ def format_table(metrics: pl.DataFrame, metric_names: Sequence[str] | None = Non
     wide = (
         metrics.filter(pl.col("metric").is_in(names))
         .with_columns(cell.alias("cell"))
-        .pivot(on="metric", index=["split", "mode", "method", "n"], values="cell",
-               aggregate_function="first")
+        .pivot(
+            on="metric",
+            index=["split", "mode", "method", "n"],
+            values="cell",
+            aggregate_function="first",
+        )
     )
     order = [c for c in names if c in wide.columns]
     return wide.select(["split", "mode", "method", "n", *order])
@@ -88,5 +102,7 @@ def to_markdown(df: pl.DataFrame) -> str:
     """A GitHub-flavoured markdown table of `df`."""
     head = "| " + " | ".join(df.columns) + " |"
     sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in df.iter_rows()]
+    body = [
+        "| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in df.iter_rows()
+    ]
     return "\n".join([head, sep, *body])

@@ -106,7 +106,11 @@ def _check_utf8(path: Path) -> None:
         line = data[: err.start].count(b"\n") + 1
         raise ContractError(
             str(path),
-            [Problem(None, f"not UTF-8: byte {data[err.start]:#x} at offset {err.start}, line {line}")],
+            [
+                Problem(
+                    None, f"not UTF-8: byte {data[err.start]:#x} at offset {err.start}, line {line}"
+                )
+            ],
         ) from None
 
 
@@ -170,8 +174,10 @@ def coerce(
 
 def _split_categories(df: pl.DataFrame, sep: str) -> pl.DataFrame:
     if "categories" in df.columns and df.schema["categories"] == pl.Utf8:
-        parts = pl.col("categories").str.split(sep).list.eval(
-            pl.element().str.strip_chars().filter(pl.element() != "")
+        parts = (
+            pl.col("categories")
+            .str.split(sep)
+            .list.eval(pl.element().str.strip_chars().filter(pl.element() != ""))
         )
         df = df.with_columns(parts.alias("categories"))
     return df
@@ -183,7 +189,12 @@ def _checked(df: pl.DataFrame, schema, dtypes, required, source: str) -> pl.Data
     try:
         df = validate(schema, df, source)
     except ContractError as err:
-        problems += err.problems
+        # a value that failed to parse is null now: report it once, as a dtype problem
+        unparsed = {(p.column, r) for p in problems for r in p.rows}
+        for p in err.problems:
+            rows = tuple(r for r in p.rows if (p.column, r) not in unparsed)
+            if rows or not p.rows:
+                problems.append(Problem(p.column, p.message, rows, p.values))
     if problems:
         raise ContractError(source, problems)
     return df

@@ -83,7 +83,9 @@ class SASRec(nn.Module):
     def user_vectors(self, histories: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """(B, L) right-aligned histories -> (B, D) last hidden states."""
         self.eval()
-        out = [self(histories[i : i + batch_size])[:, -1] for i in range(0, len(histories), batch_size)]
+        out = [
+            self(histories[i : i + batch_size])[:, -1] for i in range(0, len(histories), batch_size)
+        ]
         return torch.cat(out) if out else torch.zeros(0, self.cfg.hidden_dim)
 
 
@@ -177,14 +179,23 @@ def train_sasrec(
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        history, best, best_state, start = state["history"], state["best"], state["best_state"], state["epoch"]
+        history, best, best_state, start = (
+            state["history"],
+            state["best"],
+            state["best_state"],
+            state["epoch"],
+        )
     gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(start, cfg.epochs):
         gen.manual_seed(cfg.seed + epoch)
         order = torch.randperm(len(windows), generator=gen)
         model.train()
         total, count = 0.0, 0
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"sasrec epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = tqdm(
+            range(0, len(order), cfg.batch_size),
+            desc=f"sasrec epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+        )
         for lo in bar:
             batch = windows[order[lo : lo + cfg.batch_size]]
             inp, tgt = batch[:, :-1], batch[:, 1:]
@@ -209,12 +220,23 @@ def train_sasrec(
             on_epoch(epoch + 1, row)
         if checkpoint is not None:
             torch.save(
-                {"model": model.state_dict(), "opt": opt.state_dict(), "history": history,
-                 "best": best, "best_state": best_state, "epoch": epoch + 1},
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "history": history,
+                    "best": best,
+                    "best_state": best_state,
+                    "epoch": epoch + 1,
+                },
                 checkpoint,
             )
-        epochs_since_best = len(history) - 1 - max(
-            range(len(history)), key=lambda i: history[i].get("monitor_ndcg@10", -history[i]["train_loss"])
+        epochs_since_best = (
+            len(history)
+            - 1
+            - max(
+                range(len(history)),
+                key=lambda i: history[i].get("monitor_ndcg@10", -history[i]["train_loss"]),
+            )
         )
         if monitor is not None and epochs_since_best >= patience:
             break
@@ -253,7 +275,9 @@ def search_excluding(
         keep = [j for j, i in enumerate(row_ids) if i >= 0 and i not in exclude[r]][:k]
         if len(keep) < k and kk < index.ntotal:
             full = min(k + len(exclude[r]), index.ntotal)
-            row_scores, row_ids = (a[0] for a in index.search(queries[r : r + 1].astype(np.float32), full))
+            row_scores, row_ids = (
+                a[0] for a in index.search(queries[r : r + 1].astype(np.float32), full)
+            )
             keep = [j for j, i in enumerate(row_ids) if i >= 0 and i not in exclude[r]][:k]
         ids_out[r, : len(keep)] = row_ids[keep]
         scores_out[r, : len(keep)] = row_scores[keep]
@@ -280,12 +304,15 @@ def generate_slates(
     names = np.array(vocab.items, dtype=object)
     cands = [list(names[row[row >= 0]]) for row in ids]
     ranks = [
-        (c.index(t) + 1) if t in c else None
-        for c, t in zip(cands, samples["target"], strict=True)
+        (c.index(t) + 1) if t in c else None for c, t in zip(cands, samples["target"], strict=True)
     ]
     slates = samples.with_columns(
         pl.Series("candidates", cands, dtype=pl.List(pl.Utf8)),
-        pl.Series("scores", [list(s[: len(c)]) for s, c in zip(scores, cands, strict=True)], dtype=pl.List(pl.Float32)),
+        pl.Series(
+            "scores",
+            [list(s[: len(c)]) for s, c in zip(scores, cands, strict=True)],
+            dtype=pl.List(pl.Float32),
+        ),
         pl.Series("target_rank", ranks, dtype=pl.Int64),
     )
     return validate(SLATES, slates, "slates")

@@ -43,9 +43,15 @@ def load_data(config: PipelineConfig, tracking: Tracking) -> Manifest:
         if tables.users is not None:
             validate(USERS, tables.users, "users (filtered)").write_parquet(work / "users.parquet")
             files["users"] = "users.parquet"
-        run.log_dataset(raw.interactions.drop("source_row"), f"{config.data.dataset}-interactions",
-                        str(src.interactions), "raw")
-        run.log_dataset(inter.drop("source_row"), f"{config.data.dataset}-filtered", str(work), "training")
+        run.log_dataset(
+            raw.interactions.drop("source_row"),
+            f"{config.data.dataset}-interactions",
+            str(src.interactions),
+            "raw",
+        )
+        run.log_dataset(
+            inter.drop("source_row"), f"{config.data.dataset}-filtered", str(work), "training"
+        )
         n_users, n_items = inter["user_id"].n_unique(), items.height
         metrics = {
             "raw_interactions": raw.interactions.height,

@@ -25,7 +25,9 @@ CANDIDATES = Stage("candidates", lambda c: c.preranker, (gr2_core.preranker,))
 
 def _monitor(samples: pl.DataFrame, vocab: core.ItemVocab) -> tuple[list[list[int]], list[int]]:
     """Each user's earliest reranker-train position: out-of-sample for the pre-ranker."""
-    first = samples.filter(pl.col("split") == "train").sort("position").unique("user_id", keep="first")
+    first = (
+        samples.filter(pl.col("split") == "train").sort("position").unique("user_id", keep="first")
+    )
     return [vocab.encode(h) for h in first["history"]], [vocab.index[t] for t in first["target"]]
 
 
@@ -37,7 +39,9 @@ def _plot(history: list[dict[str, float]], path: Path) -> plt.Figure:
     ax1.set_ylabel("cross-entropy")
     if "monitor_ndcg@10" in history[0]:
         ax2 = ax1.twinx()
-        ax2.plot(epochs, [r["monitor_ndcg@10"] for r in history], "s--", color="C1", label="NDCG@10")
+        ax2.plot(
+            epochs, [r["monitor_ndcg@10"] for r in history], "s--", color="C1", label="NDCG@10"
+        )
         ax2.set_ylabel("held-out NDCG@10 (full ranking)")
     ax1.set_title("SASRec pre-ranker")
     fig.tight_layout()
@@ -57,7 +61,9 @@ def train_preranker(
         train = [vocab.encode(s) for s in read(split, "preranker_train")["items"]]
         monitor = _monitor(read(split, "samples"), vocab)
         log = get_run_logger()
-        log.info("preranker: %d sequences, %d items, %d epochs", len(train), len(vocab.items), cfg.epochs)
+        log.info(
+            "preranker: %d sequences, %d items, %d epochs", len(train), len(vocab.items), cfg.epochs
+        )
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
@@ -95,7 +101,11 @@ def generate_candidates(
     def body(work: Path, run: StageRun, _: list[Manifest]) -> StageResult:
         model, vocab = core.load(Path(preranker.directory))
         slates = core.generate_slates(
-            model, vocab, read(split, "samples"), read(split, "sequences"), config.preranker.slate_size
+            model,
+            vocab,
+            read(split, "samples"),
+            read(split, "sequences"),
+            config.preranker.slate_size,
         )
         slates.write_parquet(work / "slates.parquet")
         cov = slates.group_by("split").agg(pl.col("target_rank").is_not_null().mean())

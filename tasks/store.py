@@ -41,7 +41,12 @@ def stage_key(
 ) -> str:
     """The content address of a stage's output."""
     cfg = config.digest() if isinstance(config, StageConfig) else _digest(config)
-    parts = {"stage": stage, "config": cfg, "upstream": sorted(m.key for m in upstream), "code": code}
+    parts = {
+        "stage": stage,
+        "config": cfg,
+        "upstream": sorted(m.key for m in upstream),
+        "code": code,
+    }
     return _digest(parts)[:20]
 
 
@@ -94,8 +99,14 @@ class StageDir:
         entries = {}
         for name, rel in files.items():
             path = self.partial / rel
-            rows = pl.scan_parquet(path).select(pl.len()).collect().item() if rel.endswith(".parquet") else None
-            entries[name] = FileEntry(path=rel, sha256=sha256_file(path), bytes=path.stat().st_size, rows=rows)
+            rows = (
+                pl.scan_parquet(path).select(pl.len()).collect().item()
+                if rel.endswith(".parquet")
+                else None
+            )
+            entries[name] = FileEntry(
+                path=rel, sha256=sha256_file(path), bytes=path.stat().st_size, rows=rows
+            )
         cfg_hash = config.digest() if isinstance(config, StageConfig) else _digest(config)
         manifest = Manifest(
             stage=self.stage,

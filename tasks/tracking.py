@@ -58,7 +58,9 @@ def ensure_experiment(client: MlflowClient, name: str, artifacts_base: Path) -> 
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -68,7 +70,9 @@ def start_parent(cfg: PipelineConfig, flow_name: str, flow_run_id: str | None) -
     """Create the flow's parent run with its config; returns what tasks need to attach."""
     uri = resolve_uri(cfg)
     client = MlflowClient(uri)
-    exp_id = ensure_experiment(client, cfg.tracking.experiment, Path(cfg.artifacts_root).resolve().parent)
+    exp_id = ensure_experiment(
+        client, cfg.tracking.experiment, Path(cfg.artifacts_root).resolve().parent
+    )
     tags = {
         "gr2.flow": flow_name,
         "gr2.profile": cfg.profile,
@@ -80,7 +84,9 @@ def start_parent(cfg: PipelineConfig, flow_name: str, flow_run_id: str | None) -
     return Tracking(tracking_uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id)
 
 
-def finish_parent(tracking: Tracking, status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
+def finish_parent(
+    tracking: Tracking, status: str = "FINISHED", tags: Mapping[str, str] | None = None
+) -> None:
     client = MlflowClient(tracking.tracking_uri)
     if tracking.parent_run_id:
         for k, v in (tags or {}).items():
@@ -190,9 +196,7 @@ def fail_parent_hook(flow, flow_run, state) -> None:  # noqa: ANN001 - Prefect h
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         return
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}' and attributes.status = 'RUNNING'",
-    )
+    query = f"tags.`prefect.flow_run_id` = '{flow_run.id}' and attributes.status = 'RUNNING'"
+    runs = client.search_runs([exp.experiment_id], filter_string=query)
     for run in runs:
         client.set_terminated(run.info.run_id, "FAILED")

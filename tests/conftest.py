@@ -1,0 +1,58 @@
+"""Shared fixtures: one thread per op, real MovieLens-100k from its package, small configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+torch.set_num_threads(1)
+
+from data_contracts.config import load_profile  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def ci_config(tmp_path: Path):
+    """The `ci` profile, writing under tmp_path, tracked in a throwaway SQLite MLflow."""
+    return load_profile(
+        "ci",
+        {
+            "artifacts_root": str(tmp_path / "artifacts"),
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "data.max_users": 120,
+            "evaluation.bootstrap_samples": 50,
+        },
+    )
+
+
+def write_csv(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_files(tmp_path: Path):
+    """A valid custom dataset: 6 users x 6 items, every user rates every item (5-core holds)."""
+    items = write_csv(
+        tmp_path / "items.csv",
+        "item_id,title,year,categories",
+        [f"i{j},Item {j},{1990 + j},Drama|Comedy" for j in range(6)],
+    )
+    rows = [f"u{u},i{j},{1000 + 10 * j + u},4" for u in range(6) for j in range(6)]
+    inter = write_csv(tmp_path / "interactions.csv", "user_id,item_id,timestamp,rating", rows)
+    users = write_csv(tmp_path / "users.csv", "user_id,age", [f"u{u},{20 + u}" for u in range(6)])
+    return inter, items, users

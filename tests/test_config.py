@@ -1,0 +1,49 @@
+"""Every YAML profile loads; bad configs fail with the field named."""
+
+import pytest
+from pydantic import ValidationError
+
+from data_contracts.config import PROFILES_DIR, PipelineConfig, load_profile
+
+PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def test_required_profiles_exist():
+    assert {"demo", "ci", "ml-1m", "ml-100k"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_loads_and_documents_itself(name):
+    cfg = load_profile(name)
+    assert cfg.profile == name
+    header = (PROFILES_DIR / f"{name}.yaml").read_text().splitlines()[:3]
+    assert any("Run:" in line for line in header), "each profile's header says how to run it"
+
+
+def test_overrides_and_unknown_keys():
+    cfg = load_profile("ci", {"preranker.epochs": 7})
+    assert cfg.preranker.epochs == 7
+    with pytest.raises(ValidationError, match="epoch"):
+        load_profile("ci", {"preranker.epoch": 7})
+    with pytest.raises(ValidationError, match="interactions_path"):
+        PipelineConfig.model_validate({"data": {"dataset": "custom"}})
+    with pytest.raises(FileNotFoundError, match="known"):
+        load_profile("nope")
+
+
+def test_digest_tracks_content():
+    a, b = load_profile("ci"), load_profile("ci", {"preranker.lr": 0.5})
+    assert a.data.digest() == b.data.digest()
+    assert a.preranker.digest() != b.preranker.digest()
+
+
+def test_flow_parameter_schema_renders_config():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.gr2_pipeline import gr2_pipeline
+
+    schema = parameter_schema(gr2_pipeline.fn).model_dump()
+    assert "config" in schema["properties"]
+    defs = schema.get("definitions") or schema.get("$defs")
+    assert {"DataConfig", "PrerankerConfig"} <= set(defs)
+    assert "description" in defs["DataConfig"]["properties"]["dataset"]

@@ -1,0 +1,132 @@
+"""The main flow end to end on real MovieLens-100k: tracking, caching, partial re-runs, failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from data_contracts.config import PipelineConfig
+from flows.gr2_pipeline import gr2_pipeline
+from tests.conftest import write_csv
+
+pytestmark = pytest.mark.slow
+STAGES = ["data", "split", "preranker", "candidates", "baselines"]
+
+
+def _run(config: PipelineConfig):
+    state = gr2_pipeline(config, return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    states = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    return state, str(flow_run_id), states
+
+
+def _complete_dirs(root: Path, stage: str) -> list[Path]:
+    base = root / stage
+    return [p for p in base.iterdir() if not p.name.endswith(".partial")] if base.exists() else []
+
+
+def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci_config):
+    state, flow_run_id, states = _run(ci_config)
+    assert state.is_completed(), state.message
+    assert {states[s] for s in STAGES} == {"Completed"}
+    result = state.result()
+    assert "| preranker |" in result["report"]
+
+    # every stage folder is complete: manifest present, files hashed
+    root = Path(ci_config.artifacts_root)
+    for stage in STAGES:
+        (folder,) = _complete_dirs(root, stage)
+        assert (folder / "manifest.json").exists()
+
+    # MLflow: parent run tagged with the flow run, one FINISHED child per stage
+    client = MlflowClient(ci_config.tracking.tracking_uri)
+    exp = client.get_experiment_by_name("gr2-reranker")
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.tags["prefect.flow_run_id"] == flow_run_id
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(c.data.tags["gr2.stage"] for c in children) == sorted(STAGES)
+    by_stage = {c.data.tags["gr2.stage"]: c for c in children}
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert by_stage["data"].inputs.dataset_inputs, "input datasets logged with mlflow.data"
+    assert by_stage["preranker"].data.params["epochs"] == "2"
+    assert parent.data.params["preranker.epochs"] == "2"
+    assert by_stage["preranker"].data.metrics["preranker/train_loss"] > 0
+    base_metrics = by_stage["baselines"].data.metrics
+    r5 = base_metrics["baselines/test/preranker.conditional.recall_at_5"]
+    assert 0 <= r5 <= 1
+    assert np.isfinite(base_metrics["baselines/valid/random.end_to_end.ndcg_at_10"])
+
+    # same config again: every stage is a cache hit
+    state2, _, states2 = _run(ci_config)
+    assert state2.is_completed()
+    assert {states2[s] for s in STAGES} == {"Cached"}, states2
+
+    # only the pre-ranker changes: data and split stay cached, the rest re-runs
+    changed = ci_config.model_copy(
+        update={"preranker": ci_config.preranker.model_copy(update={"epochs": 1})}
+    )
+    state3, _, states3 = _run(changed)
+    assert state3.is_completed()
+    assert states3["data"] == "Cached" and states3["split"] == "Cached"
+    assert {states3[s] for s in ("preranker", "candidates", "baselines")} == {"Completed"}, states3
+    assert len(_complete_dirs(root, "data")) == 1 and len(_complete_dirs(root, "preranker")) == 2
+
+
+def _synthetic(tmp_path: Path, n_users: int = 30, n_items: int = 40, per_user: int = 12):
+    rng = np.random.default_rng(0)
+    items = write_csv(
+        tmp_path / "items.csv",
+        "item_id,title,year,categories",
+        [f"i{j},Item {j},{1990 + j % 30},Drama|Comedy" for j in range(n_items)],
+    )
+    rows = []
+    for u in range(n_users):
+        for t, j in enumerate(rng.choice(n_items, size=per_user, replace=False)):
+            rows.append(f"u{u},i{j},{1000 + t}")
+    inter = write_csv(tmp_path / "interactions.csv", "user_id,item_id,timestamp", rows)
+    return inter, items, rows
+
+
+def test_bad_input_fails_cleanly_then_recovers(prefect_harness, ci_config, tmp_path):
+    inter, items, rows = _synthetic(tmp_path)
+    write_csv(inter, "user_id,item_id,timestamp", rows[:5] + ["u0,i1,not-a-time"] + rows[6:])
+    config = ci_config.model_copy(
+        update={
+            "data": ci_config.data.model_copy(
+                update={
+                    "dataset": "custom",
+                    "interactions_path": str(inter),
+                    "items_path": str(items),
+                    "max_users": None,
+                    "min_item_interactions": 2,
+                }
+            )
+        }
+    )
+    state, _, states = _run(config)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "interactions.csv" in message and "timestamp" in message and "line" in message
+    root = Path(config.artifacts_root)
+    assert _complete_dirs(root, "data") == [], "no stage output may look complete after a failure"
+    client = MlflowClient(config.tracking.tracking_uri)
+    exp = client.get_experiment_by_name("gr2-reranker")
+    failed = client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
+    assert {r.data.tags.get("gr2.stage", "parent") for r in failed} >= {"data", "parent"}
+
+    write_csv(inter, "user_id,item_id,timestamp", rows)  # fixed
+    state2, _, states2 = _run(config)
+    assert state2.is_completed(), state2.message
+    assert len(_complete_dirs(root, "baselines")) == 1
