@@ -28,6 +28,7 @@ $(BIN)/.installed: pyproject.toml requirements-data.txt
 install: $(BIN)/.installed
 
 run: install
+	mkdir -p "$(PREFECT_HOME)"
 	$(BIN)/gr2 run --profile $(PROFILE)
 
 test: install

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 from data_contracts.config import DataConfig, PrerankerConfig  # noqa: E402
 from gr2_core import preranker as core  # noqa: E402
 from gr2_core.data import load_tables, preprocess, resolve_sources  # noqa: E402
+from gr2_core.report import replace_section  # noqa: E402
 from gr2_core.split import build_sequences  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -49,15 +49,22 @@ def run_ours(seqs: pl.DataFrame, epochs: int, lr: float, batch: int) -> dict:
     items = sorted({i for s in seqs["items"].to_list() for i in s})
     vocab = core.ItemVocab(items)
     ids = [vocab.encode(s) for s in seqs["items"].to_list()]
-    cfg = PrerankerConfig(epochs=epochs, lr=lr, batch_size=batch, num_threads=torch.get_num_threads())
+    cfg = PrerankerConfig(
+        epochs=epochs, lr=lr, batch_size=batch, num_threads=torch.get_num_threads()
+    )
     valid = ([s[:-2] for s in ids], [s[-2] for s in ids])
     start = time.perf_counter()
     model, history = core.train_sasrec([s[:-2] for s in ids], len(items), cfg, monitor=valid)
     seconds = time.perf_counter() - start
     test = core.full_rank_metrics(model, [s[:-1] for s in ids], [s[-1] for s in ids])
     best = max(history, key=lambda r: r["monitor_ndcg@10"])
-    return {"hr@10": test["hr@10"], "ndcg@10": test["ndcg@10"], "seconds": seconds,
-            "epochs": len(history), "best_epoch": int(best["epoch"])}
+    return {
+        "hr@10": test["hr@10"],
+        "ndcg@10": test["ndcg@10"],
+        "seconds": seconds,
+        "epochs": len(history),
+        "best_epoch": int(best["epoch"]),
+    }
 
 
 def run_recbole(seqs: pl.DataFrame, epochs: int, batch: int, workdir: Path) -> dict:
@@ -71,29 +78,61 @@ def run_recbole(seqs: pl.DataFrame, epochs: int, batch: int, workdir: Path) -> d
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
     # timestamps replaced by the position in our order, so RecBole's sort reproduces it exactly
-    inter = seqs.select("user_id", "items").explode("items").with_columns(
-        pl.int_range(pl.len()).over("user_id").cast(pl.Float64).alias("timestamp")
-    ).rename({"items": "item_id"})
+    inter = (
+        seqs.select("user_id", "items")
+        .explode("items")
+        .with_columns(pl.int_range(pl.len()).over("user_id").cast(pl.Float64).alias("timestamp"))
+        .rename({"items": "item_id"})
+    )
     inter = inter.with_columns(pl.col("item_id").str.replace_all("\t", " "))
-    inter.rename({"user_id": "user_id:token", "item_id": "item_id:token",
-                  "timestamp": "timestamp:float"}).write_csv(folder / f"{name}.inter", separator="\t",
-                                                             quote_style="never")
-    config = Config(model="SASRec", dataset=name, config_dict={
-        "data_path": str(workdir), "checkpoint_dir": str(workdir / "saved"),
-        "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
-        "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-        "user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)",
-        "MAX_ITEM_LIST_LENGTH": 50, "hidden_size": 64, "inner_size": 256, "n_layers": 2,
-        "n_heads": 2, "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.2,
-        "loss_type": "CE", "train_neg_sample_args": None,
-        "epochs": epochs, "train_batch_size": batch, "eval_batch_size": 4096,
-        "learning_rate": 0.001, "stopping_step": 3, "eval_step": 1,
-        "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full",
-                      "group_by": "user"},
-        "metrics": ["Hit", "NDCG"], "topk": [10], "valid_metric": "NDCG@10",
-        "device": "cpu", "use_gpu": False, "show_progress": False, "seed": 0,
-        "reproducibility": True, "log_wandb": False, "worker": 0,
-    })
+    inter.rename(
+        {"user_id": "user_id:token", "item_id": "item_id:token", "timestamp": "timestamp:float"}
+    ).write_csv(folder / f"{name}.inter", separator="\t", quote_style="never")
+    config = Config(
+        model="SASRec",
+        dataset=name,
+        config_dict={
+            "data_path": str(workdir),
+            "checkpoint_dir": str(workdir / "saved"),
+            "USER_ID_FIELD": "user_id",
+            "ITEM_ID_FIELD": "item_id",
+            "TIME_FIELD": "timestamp",
+            "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+            "user_inter_num_interval": "[0,inf)",
+            "item_inter_num_interval": "[0,inf)",
+            "MAX_ITEM_LIST_LENGTH": 50,
+            "hidden_size": 64,
+            "inner_size": 256,
+            "n_layers": 2,
+            "n_heads": 2,
+            "hidden_dropout_prob": 0.2,
+            "attn_dropout_prob": 0.2,
+            "loss_type": "CE",
+            "train_neg_sample_args": None,
+            "epochs": epochs,
+            "train_batch_size": batch,
+            "eval_batch_size": 4096,
+            "learning_rate": 0.001,
+            "stopping_step": 3,
+            "eval_step": 1,
+            "eval_args": {
+                "split": {"LS": "valid_and_test"},
+                "order": "TO",
+                "mode": "full",
+                "group_by": "user",
+            },
+            "metrics": ["Hit", "NDCG"],
+            "topk": [10],
+            "valid_metric": "NDCG@10",
+            "device": "cpu",
+            "use_gpu": False,
+            "show_progress": False,
+            "seed": 0,
+            "reproducibility": True,
+            "log_wandb": False,
+            "worker": 0,
+        },
+    )
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train, valid, test = data_preparation(config, dataset)
@@ -107,31 +146,31 @@ def run_recbole(seqs: pl.DataFrame, epochs: int, batch: int, workdir: Path) -> d
     model.load_state_dict(state["state_dict"])
     result = trainer.evaluate(test, load_best_model=False, show_progress=False)
     epochs_run = trainer.start_epoch if hasattr(trainer, "start_epoch") else None
-    return {"hr@10": float(result["hit@10"]), "ndcg@10": float(result["ndcg@10"]),
-            "seconds": seconds, "epochs": epochs_run or trainer.cur_step, "best_epoch": None}
+    return {
+        "hr@10": float(result["hit@10"]),
+        "ndcg@10": float(result["ndcg@10"]),
+        "seconds": seconds,
+        "epochs": epochs_run or trainer.cur_step,
+        "best_epoch": None,
+    }
 
 
 def write_section(dataset: str, rows: dict[str, dict], command: str) -> str:
-    body = [
-        f"## Pre-ranker vs RecBole SASRec, {dataset}",
-        "",
+    lines = [
         f"Command: `{command}`. Machine: {os.cpu_count()} CPU cores, torch threads "
         f"{torch.get_num_threads()}. Leave-one-out, full ranking of the last item with the "
-        "history masked; both models 2x64-d layers, CE loss, early stopping on valid NDCG@10.",
+        "history masked; both models 2 layers x 64-d, CE loss, early stopping on valid NDCG@10.",
         "",
         "| model | HR@10 | NDCG@10 | training wall time (s) | epochs run |",
         "|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        body.append(f"| {name} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | {r['seconds']:.0f} | "
-                    f"{r['epochs']} |")
-    section = "\n".join(body) + "\n"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery table here was written by the command it names.\n"
-    pattern = re.compile(rf"## Pre-ranker vs RecBole SASRec, {re.escape(dataset)}\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(section.rstrip("\n"), text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(text if text.endswith("\n") else text + "\n")
-    return section
+        lines.append(
+            f"| {name} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | {r['seconds']:.0f} | "
+            f"{r['epochs']} |"
+        )
+    heading = f"Pre-ranker vs RecBole SASRec, {dataset}"
+    return replace_section(DOC, heading, "\n".join(lines), "Benchmarks")
 
 
 def main() -> None:
@@ -145,11 +184,15 @@ def main() -> None:
     parser.add_argument("--skip-recbole", action="store_true")
     args = parser.parse_args()
     seqs = sequences(args.dataset)
-    rows = {"ours (gr2_core.preranker)": run_ours(seqs, args.ours_epochs, args.ours_lr, args.ours_batch)}
+    rows = {
+        "ours (gr2_core.preranker)": run_ours(seqs, args.ours_epochs, args.ours_lr, args.ours_batch)
+    }
     print(json.dumps(rows, indent=1), flush=True)
     if not args.skip_recbole:
         with tempfile.TemporaryDirectory() as tmp:
-            rows["RecBole 1.2.1 SASRec"] = run_recbole(seqs, args.recbole_epochs, args.recbole_batch, Path(tmp))
+            rows["RecBole 1.2.1 SASRec"] = run_recbole(
+                seqs, args.recbole_epochs, args.recbole_batch, Path(tmp)
+            )
     command = "python benchmarks/preranker.py " + " ".join(sys.argv[1:])
     print(write_section(args.dataset, rows, command.strip()))
 

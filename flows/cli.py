@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from pathlib import Path
 
 import yaml
 
@@ -33,9 +35,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.refresh:  # Prefect reads this setting when each task runs
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    start = time.perf_counter()
     result = gr2_pipeline(config)
+    seconds = time.perf_counter() - start
     print()
     print(result["report"])
+    print(f"Flow wall time: {seconds:.0f} s")
+    if args.doc:
+        from gr2_core.report import replace_section
+
+        command = "gr2 " + " ".join(argv_for_doc(args))
+        body = result["report"].split("\n", 2)[2]  # drop the report's own title
+        heading = f"Baselines, {config.data.dataset} (profile {config.profile})"
+        note = f"Command: `{command}` (flow wall time {seconds:.0f} s on {os.cpu_count()} cores)."
+        replace_section(Path(args.doc), heading, f"{note}\n\n{body}", "Results")
+        print(f"Wrote section '{heading}' of {args.doc}")
     print(
         f"MLflow: tracking URI {result['tracking_uri']}, experiment {result['experiment_id']}, "
         f"run {result['mlflow_run_id']}"
@@ -45,6 +59,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['mlflow_run_id']}"
     )
     return 0
+
+
+def argv_for_doc(args: argparse.Namespace) -> list[str]:
+    """The run command as a user would type it again."""
+    out = ["run", "--config", args.config] if args.config else ["run", "--profile", args.profile]
+    out += [f"--set {s}" for s in args.set]
+    return [*out, "--doc", args.doc]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -100,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         help="override a field, e.g. preranker.epochs=3 (repeatable)",
     )
     run.add_argument("--refresh", action="store_true", help="ignore cached stage results")
+    run.add_argument(
+        "--doc", help="also write the metrics table as a section of this markdown file"
+    )
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check your own data files against the contracts")
     val.add_argument("--interactions", required=True)
@@ -111,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     prof = sub.add_parser("profiles", help="list the config profiles")
     prof.set_defaults(func=cmd_profiles)
     args = parser.parse_args(argv)
+    if os.environ.get("PREFECT_HOME"):  # Prefect does not create missing parents itself
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     return args.func(args)
 
 

@@ -96,13 +96,3 @@ def format_table(metrics: pl.DataFrame, metric_names: Sequence[str] | None = Non
     )
     order = [c for c in names if c in wide.columns]
     return wide.select(["split", "mode", "method", "n", *order])
-
-
-def to_markdown(df: pl.DataFrame) -> str:
-    """A GitHub-flavoured markdown table of `df`."""
-    head = "| " + " | ".join(df.columns) + " |"
-    sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = [
-        "| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in df.iter_rows()
-    ]
-    return "\n".join([head, sep, *body])

@@ -18,8 +18,8 @@ from gr2_core.baselines import (
     popularity_order,
     preranker_order,
     random_order,
-    to_markdown,
 )
+from gr2_core.report import to_markdown
 from tasks.data import read
 from tasks.stage import Stage, StageResult
 from tasks.tracking import StageRun, Tracking, finish_parent

@@ -68,3 +68,16 @@ def test_metrics_table_modes():
     assert row[("end_to_end", "coverage")]["value"] == 0.5
     expected = (1 + 1 / math.log2(4)) / 2
     assert row[("conditional", "ndcg@5")]["value"] == pytest.approx(expected)
+
+
+def test_replace_section_keeps_other_sections(tmp_path):
+    from gr2_core.report import replace_section
+
+    doc = tmp_path / "d.md"
+    replace_section(doc, "A", "one", "Title")
+    replace_section(doc, "B", "two", "Title")
+    replace_section(doc, "A", "uno", "Title")
+    text = doc.read_text()
+    assert text.startswith("# Title\n")
+    assert "uno" in text and "one" not in text and "two" in text
+    assert text.index("## A") < text.index("## B")
