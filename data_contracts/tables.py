@@ -175,6 +175,22 @@ SLATES = pa.DataFrameSchema(
     name="slates",
 )
 
+SID_MAP = pa.DataFrameSchema(
+    {
+        "item_id": pa.Column(pl.Utf8, nullable=False, unique=True),
+        "codes": pa.Column(_list(pl.Int64), nullable=False),
+        "sid": pa.Column(
+            pl.Utf8,
+            nullable=False,
+            unique=True,
+            checks=pa.Check.str_matches(r"^<\|sid_begin\|>(<s_[a-z]_\d+>)+<\|sid_end\|>$"),
+        ),
+        "version": pa.Column(pl.Utf8, nullable=False),
+    },
+    strict=True,
+    name="sid_map",
+)
+
 METRICS = pa.DataFrameSchema(
     {
         "method": pa.Column(pl.Utf8, nullable=False),

@@ -14,6 +14,7 @@ from data_contracts.config import PipelineConfig, load_profile
 from tasks.data import load_data
 from tasks.evaluate import evaluate_baselines, publish
 from tasks.preranker import generate_candidates, train_preranker
+from tasks.semantic_ids import build_semantic_ids, embed_items
 from tasks.setup import start_tracking
 from tasks.split import split_sequences
 from tasks.tracking import fail_parent_hook
@@ -24,14 +25,18 @@ DEMO = load_profile("demo")  # the form's defaults in the Prefect UI
 
 @flow(name=FLOW_NAME, on_failure=[fail_parent_hook], on_crashed=[fail_parent_hook])
 def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
-    """Load and validate data, split, train the pre-ranker, build slates, evaluate baselines."""
+    """Data, split, pre-ranker, slates, baselines, item embeddings, semantic IDs."""
     tracking = start_tracking(config, FLOW_NAME)
     data = load_data(config, tracking)
     split = split_sequences(config, data, tracking)
     preranker = train_preranker(config, data, split, tracking)
     candidates = generate_candidates(config, split, preranker, tracking)
     baselines = evaluate_baselines(config, split, candidates, tracking)
-    return publish(config, tracking, [data, split, preranker, candidates, baselines])
+    collaborative = preranker if config.embeddings.with_collaborative else None
+    embeddings = embed_items(config, data, tracking, collaborative)
+    semantic_ids = build_semantic_ids(config, embeddings, split, tracking)
+    stages = [data, split, preranker, candidates, baselines, embeddings, semantic_ids]
+    return publish(config, tracking, stages)
 
 
 if __name__ == "__main__":

