@@ -74,6 +74,12 @@ def run_recbole(seqs: pl.DataFrame, epochs: int, batch: int, workdir: Path) -> d
     from recbole.trainer import Trainer
     from recbole.utils import init_seed
 
+    # RecBole 1.2.1 aliases NumPy 1 names that NumPy 2 removed; give them back for the benchmark
+    import numpy as np
+
+    for old, new in {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_}.items():
+        if old not in np.__dict__:
+            setattr(np, old, new)
     name = "bench"
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -145,12 +151,12 @@ def run_recbole(seqs: pl.DataFrame, epochs: int, batch: int, workdir: Path) -> d
     state = torch.load(trainer.saved_model_file, weights_only=False)
     model.load_state_dict(state["state_dict"])
     result = trainer.evaluate(test, load_best_model=False, show_progress=False)
-    epochs_run = trainer.start_epoch if hasattr(trainer, "start_epoch") else None
+    epochs_run = len(trainer.train_loss_dict)
     return {
         "hr@10": float(result["hit@10"]),
         "ndcg@10": float(result["ndcg@10"]),
         "seconds": seconds,
-        "epochs": epochs_run or trainer.cur_step,
+        "epochs": epochs_run,
         "best_epoch": None,
     }
 
