@@ -68,14 +68,13 @@ def run_ours(seqs: pl.DataFrame, epochs: int, lr: float, batch: int) -> dict:
 
 
 def run_recbole(seqs: pl.DataFrame, epochs: int, batch: int, workdir: Path) -> dict:
+    # RecBole 1.2.1 aliases NumPy 1 names that NumPy 2 removed; give them back for the benchmark
+    import numpy as np
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.model.sequential_recommender import SASRec
     from recbole.trainer import Trainer
     from recbole.utils import init_seed
-
-    # RecBole 1.2.1 aliases NumPy 1 names that NumPy 2 removed; give them back for the benchmark
-    import numpy as np
 
     for old, new in {"float_": np.float64, "complex_": np.complex128, "unicode_": np.str_}.items():
         if old not in np.__dict__:
