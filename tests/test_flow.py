@@ -133,3 +133,34 @@ def test_bad_input_fails_cleanly_then_recovers(prefect_harness, ci_config, tmp_p
     state2, _, states2 = _run(config)
     assert state2.is_completed(), state2.message
     assert len(_complete_dirs(root, "baselines")) == 1
+
+
+def test_retraining_keeps_existing_sids(prefect_harness, ci_config):
+    """More users (so more items), tokenizer frozen via `semantic_ids.base`: old SIDs unchanged."""
+    import polars as pl
+
+    state, _, _ = _run(ci_config)
+    assert state.is_completed(), state.message
+    root = Path(ci_config.artifacts_root)
+    (first,) = _complete_dirs(root, "semantic_ids")
+    old = pl.read_parquet(first / "sid_map.parquet")
+
+    grown = ci_config.model_copy(update={
+        "data": ci_config.data.model_copy(update={"max_users": 200}),
+        "semantic_ids": ci_config.semantic_ids.model_copy(update={"base": str(first)}),
+        "embeddings": ci_config.embeddings.model_copy(update={"with_collaborative": True}),
+    })
+    # with_collaborative changes the embedding width, which a frozen tokenizer must refuse
+    state_bad, _, _ = _run(grown)
+    assert state_bad.is_failed()
+    assert "dimension" in str(state_bad.result(raise_on_failure=False))
+
+    grown = grown.model_copy(update={"embeddings": ci_config.embeddings})
+    state2, _, states2 = _run(grown)
+    assert state2.is_completed(), state2.message
+    new_dir = next(p for p in _complete_dirs(root, "semantic_ids") if p != first)
+    new = pl.read_parquet(new_dir / "sid_map.parquet")
+    assert new.height > old.height and new["sid"].n_unique() == new.height
+    joined = old.join(new, on="item_id", suffix="_new")
+    assert joined.height == old.height
+    assert (joined["sid"] == joined["sid_new"]).all()
