@@ -30,9 +30,9 @@ from gr2_core.data import load_tables, preprocess, resolve_sources  # noqa: E402
 from gr2_core.report import replace_section  # noqa: E402
 from gr2_core.semantic_ids import embeddings as emb  # noqa: E402
 from gr2_core.semantic_ids import tokenizer as tok_core  # noqa: E402
+from gr2_core.semantic_ids.rqvae import co_interaction_pairs  # noqa: E402
 from gr2_core.semantic_ids.sidmap import PrefixOverflowError, code_stats  # noqa: E402
 from gr2_core.split import build_sequences  # noqa: E402
-from tasks.semantic_ids import co_interaction_pairs  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 PLAIN = {

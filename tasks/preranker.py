@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import polars as pl
+from prefect import get_run_logger, task
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import polars as pl  # noqa: E402
-from prefect import get_run_logger, task  # noqa: E402
-
-import gr2_core.preranker  # noqa: E402
-from data_contracts.config import PipelineConfig  # noqa: E402
-from data_contracts.manifest import Manifest  # noqa: E402
-from gr2_core import preranker as core  # noqa: E402
-from tasks.data import read  # noqa: E402
-from tasks.stage import Stage, StageResult  # noqa: E402
-from tasks.tracking import StageRun, Tracking  # noqa: E402
+import gr2_core.preranker
+from data_contracts.config import PipelineConfig
+from data_contracts.manifest import Manifest
+from gr2_core import plots
+from gr2_core import preranker as core
+from tasks.data import read
+from tasks.stage import Stage, StageResult
+from tasks.tracking import StageRun, Tracking
 
 TRAIN = Stage("preranker", lambda c: c.preranker, (gr2_core.preranker,))
 CANDIDATES = Stage("candidates", lambda c: c.preranker, (gr2_core.preranker,))
@@ -29,24 +26,6 @@ def _monitor(samples: pl.DataFrame, vocab: core.ItemVocab) -> tuple[list[list[in
         samples.filter(pl.col("split") == "train").sort("position").unique("user_id", keep="first")
     )
     return [vocab.encode(h) for h in first["history"]], [vocab.index[t] for t in first["target"]]
-
-
-def _plot(history: list[dict[str, float]], path: Path) -> plt.Figure:
-    fig, ax1 = plt.subplots(figsize=(6, 3.5))
-    epochs = [r["epoch"] for r in history]
-    ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("cross-entropy")
-    if "monitor_ndcg@10" in history[0]:
-        ax2 = ax1.twinx()
-        ax2.plot(
-            epochs, [r["monitor_ndcg@10"] for r in history], "s--", color="C1", label="NDCG@10"
-        )
-        ax2.set_ylabel("held-out NDCG@10 (full ranking)")
-    ax1.set_title("SASRec pre-ranker")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return fig
 
 
 @task(name="preranker", cache_key_fn=TRAIN.cache_key_fn, persist_result=True)
@@ -74,7 +53,7 @@ def train_preranker(
         )
         core.save(model, vocab, work)
         pl.DataFrame(history).write_parquet(work / "history.parquet")
-        run.log_figure(_plot(history, work / "training.png"), "training.png")
+        run.log_figure(plots.preranker_curve(history, work / "training.png"), "training.png")
         best = max(history, key=lambda r: r.get("monitor_ndcg@10", 0.0))
         files = {
             "model": "model.pt",

@@ -5,26 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import polars as pl
+from prefect import get_run_logger, task
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-from prefect import get_run_logger, task  # noqa: E402
-
-import gr2_core.semantic_ids.embeddings as emb_core  # noqa: E402
-import gr2_core.semantic_ids.rqkmeans  # noqa: E402
-import gr2_core.semantic_ids.rqvae  # noqa: E402
-import gr2_core.semantic_ids.sidmap  # noqa: E402
-import gr2_core.semantic_ids.tokenizer as tok_core  # noqa: E402
-from data_contracts.config import PipelineConfig  # noqa: E402
-from data_contracts.manifest import Manifest  # noqa: E402
-from data_contracts.tables import SID_MAP, validate  # noqa: E402
-from gr2_core import preranker as pre_core  # noqa: E402
-from tasks.data import read  # noqa: E402
-from tasks.stage import Stage, StageResult  # noqa: E402
-from tasks.tracking import StageRun, Tracking  # noqa: E402
+import gr2_core.semantic_ids.embeddings as emb_core
+import gr2_core.semantic_ids.rqkmeans
+import gr2_core.semantic_ids.rqvae as rqvae_core
+import gr2_core.semantic_ids.sidmap
+import gr2_core.semantic_ids.tokenizer as tok_core
+from data_contracts.config import PipelineConfig
+from data_contracts.manifest import Manifest
+from data_contracts.tables import SID_MAP, validate
+from gr2_core import plots
+from gr2_core import preranker as pre_core
+from tasks.data import read
+from tasks.stage import Stage, StageResult
+from tasks.tracking import StageRun, Tracking
 
 
 def _model_fingerprint(config: PipelineConfig) -> dict[str, str]:
@@ -39,7 +36,7 @@ SIDS = Stage(
     lambda c: c.semantic_ids,
     (
         tok_core,
-        gr2_core.semantic_ids.rqvae,
+        rqvae_core,
         gr2_core.semantic_ids.rqkmeans,
         gr2_core.semantic_ids.sidmap,
     ),
@@ -78,38 +75,6 @@ def embed_items(
     return EMBED.run(config, upstream, tracking, body)
 
 
-def co_interaction_pairs(
-    sequences: pl.DataFrame, ids: list[str], limit: int, seed: int
-) -> np.ndarray:
-    """(P, 2) rows of consecutively interacted items in the pre-ranker's training prefixes."""
-    index = {item: i for i, item in enumerate(ids)}
-    pairs = [
-        (index[a], index[b])
-        for seq in sequences["items"].to_list()
-        for a, b in zip(seq, seq[1:], strict=False)
-        if a in index and b in index
-    ]
-    arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    if len(arr) > limit:
-        arr = arr[np.random.default_rng(seed).choice(len(arr), limit, replace=False)]
-    return arr
-
-
-def _usage_plot(sid_map: pl.DataFrame, levels: int, path: Path) -> plt.Figure:
-    codes = np.array(sid_map["codes"].to_list())
-    fig, axes = plt.subplots(1, levels + 1, figsize=(3 * (levels + 1), 2.8), sharey=False)
-    for lvl, ax in enumerate(np.atleast_1d(axes)):
-        counts = np.sort(np.bincount(codes[:, lvl]))[::-1]
-        ax.bar(np.arange(len(counts)), counts, width=1.0)
-        ax.set_title(f"level {lvl}" + (" (assigned)" if lvl == levels else ""))
-        ax.set_xlabel("code (by usage)")
-    np.atleast_1d(axes)[0].set_ylabel("items")
-    fig.suptitle("Codebook usage")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return fig
-
-
 @task(name="semantic_ids", cache_key_fn=SIDS.cache_key_fn, persist_result=True)
 def build_semantic_ids(
     config: PipelineConfig, embeddings: Manifest, split: Manifest, tracking: Tracking
@@ -135,7 +100,9 @@ def build_semantic_ids(
         else:
             pairs = None
             if cfg.contrastive_weight > 0:
-                pairs = co_interaction_pairs(read(split, "preranker_train"), ids, 200_000, cfg.seed)
+                pairs = rqvae_core.co_interaction_pairs(
+                    read(split, "preranker_train"), ids, 200_000, cfg.seed
+                )
 
             def on_epoch(epoch: int, row: dict[str, float]) -> None:
                 run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
@@ -152,7 +119,12 @@ def build_semantic_ids(
         metrics["reconstruction_error"] = tok_core.reconstruction_error(tok, x)
         sid_map.write_parquet(work / "sid_map.parquet")
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        run.log_figure(_usage_plot(sid_map, cfg_used.levels, work / "usage.png"), "usage.png")
+        run.log_figure(
+            plots.codebook_usage(
+                np.array(sid_map["codes"].to_list()), cfg_used.levels, work / "usage.png"
+            ),
+            "usage.png",
+        )
         run.log_artifact(work / "sid_map.parquet")
         for name in files:
             run.log_artifact(work / name, "tokenizer")

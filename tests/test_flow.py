@@ -145,11 +145,13 @@ def test_retraining_keeps_existing_sids(prefect_harness, ci_config):
     (first,) = _complete_dirs(root, "semantic_ids")
     old = pl.read_parquet(first / "sid_map.parquet")
 
-    grown = ci_config.model_copy(update={
-        "data": ci_config.data.model_copy(update={"max_users": 200}),
-        "semantic_ids": ci_config.semantic_ids.model_copy(update={"base": str(first)}),
-        "embeddings": ci_config.embeddings.model_copy(update={"with_collaborative": True}),
-    })
+    grown = ci_config.model_copy(
+        update={
+            "data": ci_config.data.model_copy(update={"max_users": 200}),
+            "semantic_ids": ci_config.semantic_ids.model_copy(update={"base": str(first)}),
+            "embeddings": ci_config.embeddings.model_copy(update={"with_collaborative": True}),
+        }
+    )
     # with_collaborative changes the embedding width, which a frozen tokenizer must refuse
     state_bad, _, _ = _run(grown)
     assert state_bad.is_failed()

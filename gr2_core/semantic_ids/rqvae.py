@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -228,3 +229,20 @@ def train_rqvae(
         if on_epoch:
             on_epoch(epoch + 1, row)
     return model.eval(), history
+
+
+def co_interaction_pairs(
+    sequences: pl.DataFrame, ids: list[str], limit: int, seed: int
+) -> np.ndarray:
+    """(P, 2) rows of consecutively interacted items in the pre-ranker's training prefixes."""
+    index = {item: i for i, item in enumerate(ids)}
+    pairs = [
+        (index[a], index[b])
+        for seq in sequences["items"].to_list()
+        for a, b in zip(seq, seq[1:], strict=False)
+        if a in index and b in index
+    ]
+    arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    if len(arr) > limit:
+        arr = arr[np.random.default_rng(seed).choice(len(arr), limit, replace=False)]
+    return arr

@@ -1,0 +1,45 @@
+"""Figures the stages log to MLflow (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def preranker_curve(history: list[dict[str, float]], path: Path) -> plt.Figure:
+    """Training loss and held-out NDCG@10 per epoch."""
+    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    epochs = [r["epoch"] for r in history]
+    ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    if "monitor_ndcg@10" in history[0]:
+        ax2 = ax1.twinx()
+        ax2.plot(
+            epochs, [r["monitor_ndcg@10"] for r in history], "s--", color="C1", label="NDCG@10"
+        )
+        ax2.set_ylabel("held-out NDCG@10 (full ranking)")
+    ax1.set_title("SASRec pre-ranker")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return fig
+
+
+def codebook_usage(codes: np.ndarray, levels: int, path: Path) -> plt.Figure:
+    """Items per code at each level, codes sorted by usage."""
+    fig, axes = plt.subplots(1, levels + 1, figsize=(3 * (levels + 1), 2.8), sharey=False)
+    for lvl, ax in enumerate(np.atleast_1d(axes)):
+        counts = np.sort(np.bincount(codes[:, lvl]))[::-1]
+        ax.bar(np.arange(len(counts)), counts, width=1.0)
+        ax.set_title(f"level {lvl}" + (" (assigned)" if lvl == levels else ""))
+        ax.set_xlabel("code (by usage)")
+    np.atleast_1d(axes)[0].set_ylabel("items")
+    fig.suptitle("Codebook usage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return fig
