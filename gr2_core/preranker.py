@@ -11,9 +11,6 @@ The user representation at a position is the last hidden state over its (capped)
 item representations are the input embedding rows (tied weights), indexed with faiss
 `IndexFlatIP`; candidates are the top `slate_size` items by inner product, excluding every item
 already in the user's prefix.
-
-`python -m gr2_core.preranker --config FILE` trains from a pipeline YAML, so a launcher can start
-it unchanged.
 """
 
 from __future__ import annotations
