@@ -44,7 +44,9 @@ lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: install
-	$(BIN)/python benchmarks/preranker.py
+	$(BIN)/python -m pip install --quiet -r requirements-bench.txt
+	$(BIN)/python benchmarks/semantic_ids.py
+	$(BIN)/python benchmarks/preranker.py --dataset ml-1m --ours-epochs 20 --recbole-epochs 1
 
 clean:
 	rm -rf var
