@@ -78,7 +78,7 @@ def problems_from_pandera(err: SchemaErrors) -> list[Problem]:
     )
     for column, check, rows, values in grouped.iter_rows():
         if check == "column_in_dataframe":
-            message = "missing column"
+            message, values = "missing column", []
         elif check == "not_nullable":
             message = "null values"
         elif check == "field_uniqueness":
@@ -89,8 +89,6 @@ def problems_from_pandera(err: SchemaErrors) -> list[Problem]:
         else:
             message = f"failed check {check}"
         uniq_vals = tuple(dict.fromkeys(v for v in values if v is not None and v != "null"))
-        if check in ("column_in_dataframe",):
-            uniq_vals = ()
         problems.append(Problem(column, message, tuple(int(r) for r in rows), uniq_vals))
     return problems
 

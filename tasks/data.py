@@ -31,7 +31,7 @@ STAGE = Stage("data", lambda c: c.data, (gr2_core.data, data_contracts.tables), 
 def load_data(config: PipelineConfig, tracking: Tracking) -> Manifest:
     """Read, validate and filter interactions, items and users."""
 
-    def body(work: Path, run: StageRun, _: list[Manifest]) -> StageResult:
+    def body(work: Path, run: StageRun) -> StageResult:
         src = resolve_sources(config.data)
         raw = load_tables(src)
         tables = preprocess(raw, config.data, str(src.interactions))

@@ -34,7 +34,7 @@ def evaluate_baselines(
     """Metrics table of the reference orderings on valid and test."""
     cfg = config.evaluation
 
-    def body(work: Path, run: StageRun, _: list[Manifest]) -> StageResult:
+    def body(work: Path, run: StageRun) -> StageResult:
         slates = read(candidates, "slates")
         orderings = {
             "preranker": preranker_order(),

@@ -35,7 +35,7 @@ def train_preranker(
     """Train the SASRec pre-ranker; resumes from its checkpoint after a crash."""
     cfg = config.preranker
 
-    def body(work: Path, run: StageRun, _: list[Manifest]) -> StageResult:
+    def body(work: Path, run: StageRun) -> StageResult:
         vocab = core.ItemVocab(read(data, "items")["item_id"].to_list())
         train = [vocab.encode(s) for s in read(split, "preranker_train")["items"]]
         monitor = _monitor(read(split, "samples"), vocab)
@@ -77,7 +77,7 @@ def generate_candidates(
 ) -> Manifest:
     """Top-|D| slates for every reranker sample, history items excluded."""
 
-    def body(work: Path, run: StageRun, _: list[Manifest]) -> StageResult:
+    def body(work: Path, run: StageRun) -> StageResult:
         model, vocab = core.load(Path(preranker.directory))
         slates = core.generate_slates(
             model,

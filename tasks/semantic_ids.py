@@ -50,7 +50,7 @@ def embed_items(
     """MiniLM embeddings of 'title | year | genres' (+ pre-ranker item vectors if configured)."""
     cfg = config.embeddings
 
-    def body(work: Path, run: StageRun, _: list[Manifest]) -> StageResult:
+    def body(work: Path, run: StageRun) -> StageResult:
         items = read(data, "items")
         texts = emb_core.item_texts(items)
         model_path = Path(cfg.model_path) if cfg.model_path else None
@@ -82,7 +82,7 @@ def build_semantic_ids(
     """Train (or reuse, with `base`) the SID tokenizer and code every item, 100% unique."""
     cfg = config.semantic_ids
 
-    def body(work: Path, run: StageRun, _: list[Manifest]) -> StageResult:
+    def body(work: Path, run: StageRun) -> StageResult:
         log = get_run_logger()
         x = np.load(embeddings.path("embeddings"))
         ids = read(embeddings, "items")["item_id"].to_list()

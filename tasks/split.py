@@ -23,7 +23,7 @@ STAGE = Stage("split", lambda c: c.split, (gr2_core.split,))
 def split_sequences(config: PipelineConfig, data: Manifest, tracking: Tracking) -> Manifest:
     """Sequences, train/valid/test samples, and the pre-ranker's training prefixes."""
 
-    def body(work: Path, run: StageRun, _: list[Manifest]) -> StageResult:
+    def body(work: Path, run: StageRun) -> StageResult:
         seqs = build_sequences(read(data, "interactions"))
         samples = build_samples(seqs, config.split.holdout, config.data.max_history)
         prefixes = preranker_sequences(seqs, config.split.holdout)

@@ -1,9 +1,9 @@
 """What every stage task shares: its key, its Prefect cache key, and the run protocol.
 
 A task module declares one `Stage` (name, which part of the config it depends on, which code)
-and a body `(work_dir, run, inputs) -> StageResult`; `Stage.run` does the rest: return a complete
+and a body `(work_dir, run) -> StageResult`; `Stage.run` does the rest: return a complete
 earlier output with the same key, or open the work folder, open the MLflow child run, call the
-body, publish the folder with its manifest, and tag the parent run.
+body, and publish the folder with its manifest (the `publish` task tags the parent run).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class StageResult:
     scratch: Sequence[str] = ()
 
 
-Body = Callable[[Path, StageRun, Sequence[Manifest]], StageResult]
+Body = Callable[[Path, StageRun], StageResult]
 
 
 def require(manifest: Manifest) -> Manifest:
@@ -89,7 +89,7 @@ class Stage:
         work = folder.open()
         log.info("%s: key %s, writing to %s", self.name, key, work)
         with stage_run(tracking, self.name, key, self.section(config)) as run:
-            result = body(work, run, upstream)
+            result = body(work, run)
             run.log_metrics(result.metrics)
             manifest = folder.commit(
                 result.files,

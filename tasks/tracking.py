@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 from mlflow.data.polars_dataset import from_polars
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
@@ -173,12 +173,6 @@ def stage_run(tracking: Tracking, stage: str, key: str, config: StageConfig) -> 
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-
-
-def tag_parent(tracking: Tracking, tags: Mapping[str, str]) -> None:
-    if tracking.parent_run_id:
-        client = MlflowClient(tracking.tracking_uri)
-        client.log_batch(tracking.parent_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def start_tracking_run(cfg: PipelineConfig, flow_name: str) -> Tracking:
