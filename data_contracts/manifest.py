@@ -58,3 +58,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_path(path: Path) -> tuple[str, int]:
+    """(content hash, bytes) of a file, or of a folder (its files' relative paths and hashes)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path), path.stat().st_size
+    h, size = hashlib.sha256(), 0
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+        size += f.stat().st_size
+    return h.hexdigest(), size

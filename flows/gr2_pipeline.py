@@ -13,6 +13,7 @@ from prefect import flow
 from data_contracts.config import PipelineConfig, load_profile
 from tasks.data import load_data
 from tasks.evaluate import evaluate_baselines, publish
+from tasks.midtrain import evaluate_midtrain, midtrain, provision_student
 from tasks.preranker import generate_candidates, train_preranker
 from tasks.semantic_ids import build_semantic_ids, embed_items
 from tasks.setup import start_tracking
@@ -25,7 +26,8 @@ DEMO = load_profile("demo")  # the form's defaults in the Prefect UI
 
 @flow(name=FLOW_NAME, on_failure=[fail_parent_hook], on_crashed=[fail_parent_hook])
 def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
-    """Data, split, pre-ranker, slates, baselines, item embeddings, semantic IDs."""
+    """Data, split, pre-ranker, slates, baselines, item embeddings, semantic IDs, student,
+    SID mid-training and its evaluation."""
     tracking = start_tracking(config, FLOW_NAME)
     data = load_data(config, tracking)
     split = split_sequences(config, data, tracking)
@@ -35,7 +37,13 @@ def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
     collaborative = preranker if config.embeddings.with_collaborative else None
     embeddings = embed_items(config, data, tracking, collaborative)
     semantic_ids = build_semantic_ids(config, embeddings, split, tracking)
+    student = provision_student(config, semantic_ids, tracking)
+    midtrained = midtrain(config, data, split, semantic_ids, student, tracking)
+    midtrain_eval = evaluate_midtrain(
+        config, data, split, semantic_ids, candidates, midtrained, tracking
+    )
     stages = [data, split, preranker, candidates, baselines, embeddings, semantic_ids]
+    stages += [student, midtrained, midtrain_eval]
     return publish(config, tracking, stages)
 
 

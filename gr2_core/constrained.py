@@ -74,37 +74,44 @@ class SIDLogitsProcessor:
 
 def constrained_generate(
     model,
-    prompt_ids: torch.Tensor,
+    prompt_ids: torch.Tensor | Sequence[Sequence[int]],
     trie: SIDTrie,
     eos_token_id: int,
     num_beams: int = 10,
     max_new_tokens: int = 8,
     prefix: Sequence[int] = (),
-) -> list[list[int]]:
-    """Beam search over valid SIDs; returns the `num_beams` best token sequences (no EOS)."""
+    pad_token_id: int | None = None,
+) -> list[list[int]] | list[list[list[int]]]:
+    """Beam search over valid SIDs, best first.
+
+    `prompt_ids`: one prompt as a (1, T) tensor -> its `num_beams` token sequences (no EOS); or a
+    list of prompts (left-padded into one batch) -> one such list per prompt.
+    """
     if num_beams > trie.size:
         raise ValueError(f"{num_beams} beams but only {trie.size} valid SIDs")
-    ids = (
-        torch.cat([prompt_ids, torch.tensor([list(prefix)], dtype=torch.long)], dim=1)
-        if prefix
-        else prompt_ids
-    )
-    processor = SIDLogitsProcessor(trie, prompt_ids.shape[1], eos_token_id, forced=len(prefix))
+    single = isinstance(prompt_ids, torch.Tensor)
+    prompts = [prompt_ids[0].tolist()] if single else [list(p) for p in prompt_ids]
+    prompts = [p + list(prefix) for p in prompts]
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = width - len(prefix)
+    processor = SIDLogitsProcessor(trie, start, eos_token_id, forced=len(prefix))
     out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
+        ids.to(model.device),
+        attention_mask=mask.to(model.device),
         logits_processor=[processor],
         num_beams=num_beams,
         num_return_sequences=num_beams,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,
+        pad_token_id=pad,
     )
-    results = [
-        [t for t in seq if t != eos_token_id] for seq in out[:, prompt_ids.shape[1] :].tolist()
-    ]
-    invalid = [r for r in results if trie.allowed(r) != []]
+    flat = [[t for t in seq if t != eos_token_id] for seq in out[:, start:].tolist()]
+    invalid = [r for r in flat if trie.allowed(r) != []]
     if invalid:  # never hand back an unconstrained or incomplete sequence
-        raise ConstraintError(f"{len(invalid)} of {len(results)} beams are not complete SIDs")
-    return results
+        raise ConstraintError(f"{len(invalid)} of {len(flat)} beams are not complete SIDs")
+    grouped = [flat[i : i + num_beams] for i in range(0, len(flat), num_beams)]
+    return grouped[0] if single else grouped

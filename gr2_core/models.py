@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -69,13 +70,51 @@ def add_sid_vocabulary(
     return added
 
 
+def tiny_from(
+    source: str | None, hidden_size: int, layers: int, seed: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A small random model of the source's architecture, with the source's real tokenizer."""
+    if source is None:
+        folder, gguf = default_student()
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+    else:
+        tok = AutoTokenizer.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
+    heads = 2
+    config.update(
+        {
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": 1,
+            "head_dim": hidden_size // heads,
+            "vocab_size": len(tok),
+        }
+    )
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok
+
+
 def export_student(
-    out: Path, source: str | None = None, levels: int | None = None, sizes: list[int] | None = None
+    out: Path,
+    source: str | None = None,
+    levels: int | None = None,
+    sizes: list[int] | None = None,
+    tiny: tuple[int, int, int] | None = None,
 ) -> Path:
-    """Write a self-contained student folder (weights, config, tokenizer), SID tokens added."""
-    model, tok = load_source(source)
+    """Write a self-contained student folder (weights, config, tokenizer), SID tokens added.
+
+    `tiny`: (hidden size, layers, seed) for a small random model of the same architecture.
+    """
+    model, tok = tiny_from(source, *tiny) if tiny else load_source(source)
     if levels is not None and sizes is not None:
         add_sid_vocabulary(model, tok, levels, sizes)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -43,3 +43,27 @@ def codebook_usage(codes: np.ndarray, levels: int, path: Path) -> plt.Figure:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return fig
+
+
+def midtrain_curves(log_history: list[dict], warmup_steps: int, path: Path) -> plt.Figure:
+    """Training loss and per-task held-out loss by optimizer step; the warm-up phase shaded."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
+    if train:
+        ax.plot(*zip(*train, strict=True), "-", color="k", label="train loss")
+    evals = sorted(
+        {k for r in log_history for k in r if k.startswith("eval_") and k.endswith("_loss")}
+    )
+    for i, key in enumerate(evals):
+        pts = [(r["step"], r[key]) for r in log_history if key in r]
+        label = key.removeprefix("eval_").removesuffix("_loss") + " (held out)"
+        ax.plot(*zip(*pts, strict=True), "o--", color=f"C{i}", label=label)
+    if warmup_steps:
+        ax.axvspan(0, warmup_steps, color="0.9", label="token warm-up")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on trained tokens")
+    ax.set_title("SID mid-training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return fig

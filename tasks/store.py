@@ -24,7 +24,7 @@ from types import ModuleType
 import polars as pl
 
 from data_contracts.config import StageConfig
-from data_contracts.manifest import FileEntry, Manifest, sha256_file
+from data_contracts.manifest import FileEntry, Manifest, sha256_path
 from data_contracts.tables import SCHEMA_VERSION
 
 
@@ -91,11 +91,12 @@ class StageDir:
     ) -> Manifest:
         """Hash the outputs, write the manifest last, and publish the folder atomically.
 
-        `files` maps a logical name to a path relative to the work folder; `scratch` names
-        files (checkpoints) to delete before publishing.
+        `files` maps a logical name to a file or folder relative to the work folder; `scratch`
+        names files or folders (checkpoints) to delete before publishing.
         """
         for name in scratch:
-            (self.partial / name).unlink(missing_ok=True)
+            path = self.partial / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         entries = {}
         for name, rel in files.items():
             path = self.partial / rel
@@ -104,9 +105,8 @@ class StageDir:
                 if rel.endswith(".parquet")
                 else None
             )
-            entries[name] = FileEntry(
-                path=rel, sha256=sha256_file(path), bytes=path.stat().st_size, rows=rows
-            )
+            digest, size = sha256_path(path)
+            entries[name] = FileEntry(path=rel, sha256=digest, bytes=size, rows=rows)
         cfg_hash = config.digest() if isinstance(config, StageConfig) else _digest(config)
         manifest = Manifest(
             stage=self.stage,

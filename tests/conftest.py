@@ -56,3 +56,36 @@ def tiny_files(tmp_path: Path):
     inter = write_csv(tmp_path / "interactions.csv", "user_id,item_id,timestamp,rating", rows)
     users = write_csv(tmp_path / "users.csv", "user_id,age", [f"u{u},{20 + u}" for u in range(6)])
     return inter, items, users
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer, from the packaged GGUF."""
+    from transformers import AutoTokenizer
+
+    from gr2_core.models import default_student
+
+    folder, gguf = default_student()
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny(tokenizer, tmp_path_factory):
+    """A 2-layer Llama built from config, with the real SmolLM2 tokenizer, saved as a folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

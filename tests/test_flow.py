@@ -16,6 +16,7 @@ from tests.conftest import write_csv
 
 pytestmark = pytest.mark.slow
 STAGES = ["data", "split", "preranker", "candidates", "baselines", "embeddings", "semantic_ids"]
+STAGES += ["student", "midtrain", "midtrain_eval"]
 
 
 def _run(config: PipelineConfig):
@@ -68,6 +69,16 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     r5 = base_metrics["baselines/test/preranker.conditional.recall_at_5"]
     assert 0 <= r5 <= 1
     assert np.isfinite(base_metrics["baselines/valid/random.end_to_end.ndcg_at_10"])
+    # mid-training: the Trainer's curves reached the stage run (MLFLOW_RUN_ID), model logged
+    mid = by_stage["midtrain"]
+    steps = ci_config.midtrain.max_steps
+    assert len(client.get_metric_history(mid.info.run_id, "loss")) == steps
+    assert len(client.get_metric_history(mid.info.run_id, "eval_sequential_loss")) == 2
+    assert "model" in {a.path for a in client.list_artifacts(mid.info.run_id)}
+    mid_eval = by_stage["midtrain_eval"].data.metrics
+    assert mid_eval["midtrain_eval/test/invalid_rate"] == 0
+    assert mid_eval["midtrain_eval/test/duplicate_rate"] == 0
+    assert 0 <= mid_eval["midtrain_eval/test/student.recall_at_10"] <= 1
 
     # same config again: every stage is a cache hit
     state2, _, states2 = _run(ci_config)
@@ -83,7 +94,9 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     assert states3["data"] == "Cached" and states3["split"] == "Cached"
     # the SIDs do not depend on the pre-ranker (without collaborative embeddings)
     assert states3["embeddings"] == "Cached" and states3["semantic_ids"] == "Cached"
-    assert {states3[s] for s in ("preranker", "candidates", "baselines")} == {"Completed"}, states3
+    assert states3["student"] == "Cached" and states3["midtrain"] == "Cached"
+    rerun = ("preranker", "candidates", "baselines", "midtrain_eval")
+    assert {states3[s] for s in rerun} == {"Completed"}, states3
     assert len(_complete_dirs(root, "data")) == 1 and len(_complete_dirs(root, "preranker")) == 2
 
 

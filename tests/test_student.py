@@ -5,39 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gr2_core.constrained import ConstraintError, SIDTrie, constrained_generate
-from gr2_core.models import add_sid_vocabulary, default_student, export_student
+from gr2_core.models import add_sid_vocabulary, export_student
 from gr2_core.semantic_ids.sidmap import assign_last_level, decode_sid, encode_sid
 
 LEVELS, SIZE = 4, 8
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    folder, gguf = default_student()
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-
-
-@pytest.fixture(scope="module")
-def tiny(tokenizer, tmp_path_factory):
-    """A 2-layer Llama built from config, with the real SmolLM2 tokenizer, saved as a folder."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_export_adds_sid_tokens_as_single_tokens(tiny, tmp_path):

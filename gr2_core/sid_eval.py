@@ -1,0 +1,106 @@
+"""Evaluation of a mid-trained student: next-item retrieval by constrained beam search, captions.
+
+Next item: the sequential-task prompt of a user's history, then beam search (beam 10 by default)
+over the trie of every item's SID, i.e. the whole catalogue; the rank of the target among the
+returned beams gives Recall@K and NDCG@K. Every returned beam is checked to be a valid SID and
+the beams of one prompt to be distinct: both rates are reported and must be 0.
+Captions: greedy decoding after `SID + Caption:`; accuracy is the exact title match rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from gr2_core.constrained import SIDTrie, constrained_generate
+from gr2_core.midtrain import Catalogue, caption_prompt, parse_title, sequential_prompt
+
+
+def sid_trie(cat: Catalogue, tok) -> tuple[SIDTrie, dict[tuple[int, ...], str]]:
+    """The trie over every item's SID tokens, and token sequence -> item id."""
+    seqs = {tuple(tok.encode(s, add_special_tokens=False)): item for item, s in cat.sid.items()}
+    return SIDTrie(seqs), seqs
+
+
+@torch.inference_mode()
+def next_item_ranks(
+    model,
+    tok,
+    cat: Catalogue,
+    rows: pl.DataFrame,
+    num_beams: int,
+    batch_size: int,
+    max_length: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, object]:
+    """Per row: the target's rank among the beams (None if absent); invalid and duplicate rates."""
+    trie, item_of = sid_trie(cat, tok)
+    depth = max(len(s) for s in item_of)
+    model.eval()
+    ranks: list[int | None] = []
+    invalid = duplicate = total = 0
+    histories, targets = rows["history"].to_list(), rows["target"].to_list()
+    bar = tqdm(total=len(targets), desc="next-item beam search", unit="user")
+    for start in range(0, len(targets), batch_size):
+        prompts = [
+            tok.encode(sequential_prompt(h, cat), add_special_tokens=False)[-max_length:]
+            for h in histories[start : start + batch_size]
+        ]
+        beams = constrained_generate(
+            model, prompts, trie, tok.eos_token_id, num_beams=num_beams, max_new_tokens=depth + 1
+        )
+        for target, found in zip(targets[start : start + batch_size], beams, strict=True):
+            items = [item_of.get(tuple(b)) for b in found]
+            total += len(found)
+            invalid += sum(i is None for i in items)
+            duplicate += len(found) - len(set(map(tuple, found)))
+            ranks.append(items.index(target) + 1 if target in items else None)
+        bar.update(len(prompts))
+        if progress:
+            progress(len(ranks), len(targets))
+    bar.close()
+    return {
+        "ranks": ranks,
+        "invalid_rate": invalid / max(total, 1),
+        "duplicate_rate": duplicate / max(total, 1),
+    }
+
+
+@torch.inference_mode()
+def caption_accuracy(
+    model, tok, cat: Catalogue, items: Sequence[str], batch_size: int, max_new_tokens: int = 32
+) -> tuple[float, list[dict[str, str]]]:
+    """Exact title match rate of greedy captions, and the generated captions."""
+    model.eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out_rows: list[dict[str, str]] = []
+    hits = 0
+    for start in range(0, len(items), batch_size):
+        chunk = list(items[start : start + batch_size])
+        prompts = [tok.encode(caption_prompt(i, cat), add_special_tokens=False) for i in chunk]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        gen = model.generate(
+            ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=pad,
+        )
+        for item, seq in zip(chunk, gen[:, width:].tolist(), strict=True):
+            text = tok.decode(seq, skip_special_tokens=True)
+            expected = cat.name[item].rsplit(" (", 1)[0]
+            ok = parse_title(text) == expected
+            hits += ok
+            out_rows.append({"item_id": item, "expected": cat.caption[item], "generated": text})
+    return hits / max(len(items), 1), out_rows
+
+
+def rank_array(ranks: Sequence[int | None]) -> np.ndarray:
+    return np.array([r or 0 for r in ranks], dtype=np.int64)

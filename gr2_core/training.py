@@ -1,0 +1,185 @@
+"""Causal-LM training with transformers' Trainer: token warm-up, then all parameters.
+
+One Trainer run covers both phases, so steps, the learning-rate schedule, checkpoints and
+`resume_from_checkpoint` are the Trainer's own. `TokenWarmup` implements the warm-up phase: for
+the first `warmup_steps` optimizer steps only the embedding (and, if untied, output) rows of the
+added tokens learn. Every other parameter has `requires_grad=False` (no gradient, so AdamW skips
+it and creates no state), and a gradient hook zeroes the old rows of the embedding matrices (zero
+gradient and zero Adam moments give a zero update; weight decay must be 0 in this phase).
+The same code runs on one CPU, one GPU, or several through `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from gr2_core.midtrain import IGNORE
+
+
+class TokenWarmup(TrainerCallback):
+    """Freeze all but the new token rows for the first `warmup_steps` optimizer steps."""
+
+    def __init__(self, model: PreTrainedModel, first_new_token: int, warmup_steps: int):
+        self.model, self.first_new, self.steps = model, first_new_token, warmup_steps
+        self.active = False
+        self.matrices = {id(model.get_input_embeddings().weight): model.get_input_embeddings()}
+        out = model.get_output_embeddings()
+        if out is not None:
+            self.matrices[id(out.weight)] = out
+        for module in self.matrices.values():
+            module.weight.register_hook(self._mask_old_rows)
+
+    def _mask_old_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return grad
+        grad = grad.clone()
+        grad[: self.first_new] = 0
+        return grad
+
+    def set_phase(self, step: int) -> None:
+        self.active = step < self.steps
+        for p in self.model.parameters():
+            p.requires_grad_(not self.active or id(p) in self.matrices)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.set_phase(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.set_phase(self.steps)  # leave the model fully trainable
+
+
+class StopAfter(TrainerCallback):
+    """Stop (as a crash would) once `step` optimizer steps are done: for resume tests."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt(f"stopped after step {state.global_step}")
+
+
+class PadCollator:
+    """Right-pads input_ids/labels of a batch; labels are IGNORE on padding."""
+
+    def __init__(self, pad_id: int):
+        self.pad = pad_id
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class Rows(torch.utils.data.Dataset):
+    """A tokenized table as a map-style dataset."""
+
+    def __init__(self, table: pl.DataFrame):
+        self.ids = table["input_ids"].to_list()
+        self.labels = table["labels"].to_list()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+@dataclass
+class TrainSettings:
+    """What the Trainer needs beyond the data (a subset of the stage config)."""
+
+    max_steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    warmup_steps: int  # token warm-up (new rows only)
+    lr_warmup_ratio: float
+    logging_steps: int
+    save_steps: int
+    eval_steps: int
+    seed: int
+    num_threads: int
+    report_to: tuple[str, ...] = ()
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def train(
+    model_dir: Path,
+    train_rows: pl.DataFrame,
+    eval_rows: dict[str, pl.DataFrame],
+    out_dir: Path,
+    settings: TrainSettings,
+    first_new_token: int,
+    pad_id: int,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> tuple[PreTrainedModel, list[dict]]:
+    """Train (resuming from the newest checkpoint in `out_dir/checkpoints`); returns the model
+    and the Trainer's log history."""
+    torch.set_num_threads(settings.num_threads)
+    cuda = use_cuda()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if cuda else torch.float32
+    )
+    ckpt_dir = out_dir / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr,
+        weight_decay=0.0,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(settings.lr_warmup_ratio * settings.max_steps)),
+        logging_steps=settings.logging_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=settings.eval_steps,
+        report_to=list(settings.report_to),
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=not cuda,
+        bf16=cuda,
+        train_sampling_strategy="group_by_length",  # less padding per batch
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+    warmup = TokenWarmup(model, first_new_token, settings.warmup_steps)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Rows(train_rows),
+        eval_dataset={k: Rows(v) for k, v in eval_rows.items()} or None,
+        data_collator=PadCollator(pad_id),
+        callbacks=[warmup, *callbacks],
+    )
+    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer.state.log_history

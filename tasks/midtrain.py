@@ -1,0 +1,347 @@
+"""Stages `student` (export + SID vocabulary), `midtrain` (four tasks) and `midtrain_eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import polars as pl
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+import gr2_core.constrained
+import gr2_core.midtrain as mt
+import gr2_core.models
+import gr2_core.sid_eval
+import gr2_core.training
+from data_contracts.config import PipelineConfig
+from data_contracts.manifest import Manifest, sha256_file
+from gr2_core import plots
+from gr2_core.baselines import format_table
+from gr2_core.metrics import metrics_table
+from gr2_core.models import default_student, export_student
+from gr2_core.report import to_markdown
+from gr2_core.semantic_ids import tokenizer as tok_core
+from tasks.data import read
+from tasks.stage import Stage, StageResult
+from tasks.tracking import StageRun, Tracking
+
+
+def _source_fingerprint(config: PipelineConfig) -> dict[str, str]:
+    src = config.student.source
+    if src is None:
+        folder, gguf = default_student()
+        return {"gguf": sha256_file(folder / gguf)}
+    path = Path(src)
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        return {w.name: str(w.stat().st_size) for w in weights}
+    return {"hub_id": src}
+
+
+STUDENT = Stage("student", lambda c: c.student, (gr2_core.models,), _source_fingerprint)
+MIDTRAIN = Stage("midtrain", lambda c: c.midtrain, (gr2_core.midtrain, gr2_core.training))
+EVAL = Stage(
+    "midtrain_eval",
+    lambda c: c.midtrain,
+    (gr2_core.sid_eval, gr2_core.constrained, gr2_core.midtrain, gr2_core.metrics),
+    lambda c: {"evaluation": c.evaluation.digest()},
+)
+
+
+@task(name="student", cache_key_fn=STUDENT.cache_key_fn, persist_result=True)
+def provision_student(
+    config: PipelineConfig, semantic_ids: Manifest, tracking: Tracking
+) -> Manifest:
+    """Export the student to a plain safetensors folder with one token per SID code."""
+    cfg = config.student
+
+    def body(work: Path, run: StageRun) -> StageResult:
+        _, sid_cfg = tok_core.load(Path(semantic_ids.directory))
+        sizes = [sid_cfg.codebook_size] * sid_cfg.levels + [sid_cfg.last_level_size]
+        tiny = (cfg.tiny_hidden_size, cfg.tiny_layers, cfg.seed) if cfg.tiny else None
+        get_run_logger().info(
+            "student: exporting %s%s with %d SID levels",
+            cfg.source or "packaged SmolLM2-135M-Instruct (GGUF)",
+            " as a tiny random model" if tiny else "",
+            len(sizes),
+        )
+        out = export_student(work / "model", cfg.source, len(sizes), sizes, tiny)
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(out)
+        n_params = 0
+        for shard in out.glob("*.safetensors"):
+            with safe_open(shard, "pt") as f:
+                n_params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        metrics = {
+            "vocab_size": float(len(tok)),
+            "sid_tokens": float(2 + sum(sizes)),
+            "parameters_m": n_params / 1e6,
+        }
+        (work / "sid_levels.json").write_text(json.dumps({"sizes": sizes}))
+        run.log_text(AutoConfig.from_pretrained(out).to_json_string(), "model_config.json")
+        return StageResult({"model": "model", "sid_levels": "sid_levels.json"}, metrics)
+
+    return STUDENT.run(config, [semantic_ids], tracking, body)
+
+
+@contextmanager
+def mlflow_env(tracking: Tracking, run_id: str) -> Iterator[None]:
+    """Let transformers' MLflow callback attach to the stage run (MLFLOW_RUN_ID)."""
+    values = {
+        "MLFLOW_TRACKING_URI": tracking.tracking_uri,
+        "MLFLOW_RUN_ID": run_id,
+        "MLFLOW_MAX_LOG_PARAMS": "0",  # the stage run already holds the config as params
+    }
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _catalogue(data: Manifest, semantic_ids: Manifest) -> mt.Catalogue:
+    return mt.Catalogue.build(read(data, "items"), pl.read_parquet(semantic_ids.path("sid_map")))
+
+
+@task(name="midtrain", cache_key_fn=MIDTRAIN.cache_key_fn, persist_result=True)
+def midtrain(
+    config: PipelineConfig,
+    data: Manifest,
+    split: Manifest,
+    semantic_ids: Manifest,
+    student: Manifest,
+    tracking: Tracking,
+) -> Manifest:
+    """Build the four-task mixture from the training split and mid-train the student."""
+    cfg = config.midtrain
+    log = get_run_logger()
+
+    def body(work: Path, run: StageRun) -> StageResult:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(student.path("model"))
+        cat = _catalogue(data, semantic_ids)
+        users = read(data, "users") if "users" in data.files else None
+        sequences = read(split, "sequences")
+        general = mt.aclsum_train_texts()
+        common = dict(
+            sequences=sequences,
+            users=users,
+            cat=cat,
+            ratios=cfg.mixture,
+            history_items=cfg.history_items,
+            caption_holdout=cfg.caption_holdout,
+            general_texts=general,
+            general_chars=cfg.general_chars,
+        )
+        mix = mt.build_mixture(total=cfg.total_samples, seed=cfg.seed, **common)
+        table = mt.to_table(mix, tok, cfg.max_length)
+        eval_sets = {}
+        if cfg.eval_samples_per_task:
+            held = mt.build_mixture(
+                total=cfg.eval_samples_per_task * len(mt.TASKS),
+                seed=cfg.seed + 1,
+                **(common | {"ratios": {t: 1.0 for t in mt.TASKS}}),
+            )
+            held_table = mt.to_table(held, tok, cfg.max_length)
+            eval_sets = {t: held_table.filter(pl.col("task") == t) for t in mt.TASKS}
+        table.write_parquet(work / "train.parquet")
+        mt.save_json(mix.heldout_items, work / "heldout_items.json")
+        counts = table.group_by("task").len()
+        tokens = table.select(pl.col("input_ids").list.len().sum()).item()
+        trained = table.select(
+            pl.col("labels").list.eval(pl.element() != mt.IGNORE).list.sum().sum()
+        ).item()
+        log.info(
+            "midtrain: %d samples %s, %d tokens (%d trained), %d steps (%d token warm-up)",
+            table.height,
+            dict(counts.iter_rows()),
+            tokens,
+            trained,
+            cfg.max_steps,
+            cfg.warmup_steps,
+        )
+        run.log_text(
+            "\n\n".join(
+                f"[{t}]\n{x}" for t, x in table.head(12).select("task", "text").iter_rows()
+            ),
+            "sample_texts.txt",
+        )
+        sid_tokens = json.loads(student.path("sid_levels").read_text())["sizes"]
+        first_new = len(tok) - (2 + sum(sid_tokens))
+        settings = gr2_core.training.TrainSettings(
+            max_steps=cfg.max_steps,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            lr=cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            lr_warmup_ratio=cfg.lr_warmup_ratio,
+            logging_steps=cfg.logging_steps,
+            save_steps=cfg.save_steps,
+            eval_steps=cfg.eval_steps,
+            seed=cfg.seed,
+            num_threads=cfg.num_threads,
+            report_to=("mlflow",),
+        )
+        with mlflow_env(tracking, run.run_id):
+            model, history = gr2_core.training.train(
+                student.path("model"),
+                table,
+                eval_sets,
+                work,
+                settings,
+                first_new,
+                tok.pad_token_id,
+            )
+        model.save_pretrained(work / "model", safe_serialization=True)
+        tok.save_pretrained(work / "model")
+        (work / "log_history.json").write_text(json.dumps(history, indent=1))
+        run.log_figure(
+            plots.midtrain_curves(history, cfg.warmup_steps, work / "curves.png"), "curves.png"
+        )
+        run.client.log_artifacts(run.run_id, str(work / "model"), "model")
+        final = [r for r in history if "train_runtime" in r]
+        metrics = {"samples": float(table.height), "tokens": float(tokens)}
+        metrics["trained_tokens"] = float(trained)
+        if final:
+            metrics["train_seconds"] = final[-1]["train_runtime"]
+            metrics["tokens_per_second"] = tokens / max(final[-1]["train_runtime"], 1e-9)
+        for r in reversed(history):
+            if "loss" in r:
+                metrics["final_train_loss"] = r["loss"]
+                break
+        files = {
+            "model": "model",
+            "train": "train.parquet",
+            "heldout_items": "heldout_items.json",
+            "log_history": "log_history.json",
+            "plot": "curves.png",
+        }
+        return StageResult(files, metrics, scratch=["checkpoints"])
+
+    return MIDTRAIN.run(config, [data, split, semantic_ids, student], tracking, body)
+
+
+@task(name="midtrain_eval", cache_key_fn=EVAL.cache_key_fn, persist_result=True)
+def evaluate_midtrain(
+    config: PipelineConfig,
+    data: Manifest,
+    split: Manifest,
+    semantic_ids: Manifest,
+    candidates: Manifest,
+    midtrain: Manifest,
+    tracking: Tracking,
+) -> Manifest:
+    """Next-item R@K/NDCG@K by constrained beam search vs the pre-ranker; caption accuracy."""
+    cfg, ev = config.midtrain, config.evaluation
+    log = get_run_logger()
+
+    def body(work: Path, run: StageRun) -> StageResult:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(cfg.num_threads)
+        model_dir = midtrain.path("model")
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        if torch.cuda.is_available():
+            model = model.to("cuda", dtype=torch.bfloat16)
+        cat = _catalogue(data, semantic_ids)
+        sequences = read(split, "sequences")
+        slates = read(candidates, "slates")
+        tables, metrics = [], {}
+        ks = [k for k in (1, 5, 10) if k <= cfg.num_beams]
+        ndcg_ks = [k for k in (5, 10) if k <= cfg.num_beams]
+        for split_name in ("valid", "test"):
+            rows = mt.eval_prompts(
+                sequences, split_name, cfg.history_items, cfg.eval_users, cfg.seed
+            )
+
+            def progress(done: int, total: int, s: str = split_name) -> None:
+                if done % max(1, total // 5) < cfg.eval_batch_size or done == total:
+                    log.info("midtrain_eval %s: %d/%d users", s, done, total)
+
+            out = gr2_core.sid_eval.next_item_ranks(
+                model, tok, cat, rows, cfg.num_beams, cfg.eval_batch_size, cfg.max_length, progress
+            )
+            metrics[f"{split_name}/invalid_rate"] = out["invalid_rate"]
+            metrics[f"{split_name}/duplicate_rate"] = out["duplicate_rate"]
+            student_ranks = gr2_core.sid_eval.rank_array(out["ranks"])
+            pre = rows.join(
+                slates.filter(pl.col("split") == split_name).select("user_id", "target_rank"),
+                on="user_id",
+                how="left",
+            )
+            pre_ranks = gr2_core.sid_eval.rank_array(pre["target_rank"].to_list())
+            for method, ranks in (
+                (f"student beam{cfg.num_beams}", student_ranks),
+                ("preranker (SASRec)", pre_ranks),
+            ):
+                t = metrics_table(
+                    method,
+                    split_name,
+                    ranks,
+                    ks,
+                    ndcg_ks,
+                    ev.bootstrap_samples,
+                    ev.confidence,
+                    ev.seed,
+                ).filter((pl.col("mode") == "end_to_end") & (pl.col("metric") != "coverage"))
+                tables.append(t)
+        table = pl.concat(tables)
+        heldout = json.loads(midtrain.path("heldout_items").read_text())[: cfg.caption_eval_items]
+        seen = sorted(set(cat.sid) - set(heldout))[: len(heldout)]
+        captions = []
+        for name, items in (("heldout", heldout), ("trained", seen)):
+            if not items:
+                continue
+            acc, rows_out = gr2_core.sid_eval.caption_accuracy(
+                model, tok, cat, items, cfg.eval_batch_size
+            )
+            metrics[f"caption_accuracy/{name}"] = acc
+            captions += [r | {"set": name} for r in rows_out]
+        for r in table.iter_rows(named=True):
+            metrics[f"{r['split']}/{r['method'].split()[0]}.{r['metric']}"] = r["value"]
+        table.write_parquet(work / "metrics.parquet")
+        pl.DataFrame(captions).write_parquet(work / "captions.parquet")
+        pretty = format_table(table)
+        title = (
+            f"Next-item retrieval over the whole catalogue, {config.data.dataset} "
+            f"({config.profile})"
+        )
+        caption_line = ", ".join(
+            f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("caption")
+        )
+        markdown = (
+            f"# {title}\n\nvalue [95% bootstrap CI]; {cfg.eval_users} sampled users per split; "
+            f"invalid-SID rate {metrics['test/invalid_rate']:.3f}, duplicate-beam rate "
+            f"{metrics['test/duplicate_rate']:.3f}; caption exact-title accuracy: "
+            f"{caption_line}\n\n{to_markdown(pretty)}\n"
+        )
+        (work / "metrics.md").write_text(markdown)
+        run.log_text(markdown, "metrics.md")
+        run.log_table(pl.DataFrame(captions), "captions.csv")
+        log.info("midtrain_eval:\n%s", markdown)
+        create_table_artifact(
+            pretty.to_dicts(), key="gr2-midtrain", description=title + " (value [95% CI])"
+        )
+        files = {
+            "metrics": "metrics.parquet",
+            "captions": "captions.parquet",
+            "report": "metrics.md",
+        }
+        return StageResult(files, metrics)
+
+    return EVAL.run(config, [data, split, semantic_ids, candidates, midtrain], tracking, body)
