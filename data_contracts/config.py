@@ -193,6 +193,9 @@ class MidtrainConfig(StageConfig):
     warmup_steps: int = Field(
         60, ge=0, description="Token warm-up: steps that train only the new SID token rows."
     )
+    warmup_lr_scale: float = Field(
+        10.0, gt=0, description="Learning-rate multiplier during the token warm-up."
+    )
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-4, gt=0)

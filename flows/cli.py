@@ -50,6 +50,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         note = f"Command: `{command}` (flow wall time {seconds:.0f} s on {os.cpu_count()} cores)."
         replace_section(Path(args.doc), heading, f"{note}\n\n{body}", "Results")
         print(f"Wrote section '{heading}' of {args.doc}")
+    if result.get("midtrain_report"):
+        print(result["midtrain_report"])
+    if args.midtrain_doc and result.get("midtrain_report"):
+        from gr2_core.report import replace_section
+
+        command = "gr2 " + " ".join(argv_for_doc(args, "--midtrain-doc", args.midtrain_doc))
+        body = result["midtrain_report"].split("\n", 2)[2]
+        heading = f"Student next-item retrieval, {config.data.dataset} (profile {config.profile})"
+        seconds_by_stage = result.get("stage_seconds", {})
+        timed = ", ".join(
+            f"{s} {seconds_by_stage[s]:.0f} s"
+            for s in ("student", "midtrain", "midtrain_eval")
+            if seconds_by_stage.get(s) is not None
+        )
+        note = (
+            f"Command: `{command}`"
+            + (f" (stage wall time on {os.cpu_count()} cores: {timed})" if timed else "")
+            + "."
+        )
+        replace_section(Path(args.midtrain_doc), heading, f"{note}\n\n{body}", "Benchmarks")
+        print(f"Wrote section '{heading}' of {args.midtrain_doc}")
     print(
         f"MLflow: tracking URI {result['tracking_uri']}, experiment {result['experiment_id']}, "
         f"run {result['mlflow_run_id']}"
@@ -61,11 +82,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def argv_for_doc(args: argparse.Namespace) -> list[str]:
+def argv_for_doc(
+    args: argparse.Namespace, flag: str = "--doc", doc: str | None = None
+) -> list[str]:
     """The run command as a user would type it again."""
     out = ["run", "--config", args.config] if args.config else ["run", "--profile", args.profile]
     out += [f"--set {s}" for s in args.set]
-    return [*out, "--doc", args.doc]
+    return [*out, flag, doc or args.doc]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -123,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--refresh", action="store_true", help="ignore cached stage results")
     run.add_argument(
         "--doc", help="also write the metrics table as a section of this markdown file"
+    )
+    run.add_argument(
+        "--midtrain-doc",
+        help="also write the student's next-item table as a section of this markdown file",
     )
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check your own data files against the contracts")

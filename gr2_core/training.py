@@ -6,6 +6,10 @@ the first `warmup_steps` optimizer steps only the embedding (and, if untied, out
 added tokens learn. Every other parameter has `requires_grad=False` (no gradient, so AdamW skips
 it and creates no state), and a gradient hook zeroes the old rows of the embedding matrices (zero
 gradient and zero Adam moments give a zero update; weight decay must be 0 in this phase).
+The new rows start far from where they need to be and only they move, so the warm-up phase runs
+at `warmup_lr_scale` times the learning rate (on top of the usual schedule); at the base rate a
+short warm-up barely moves them (measured: the held-out loss on SID targets stayed at the level of
+a uniform guess over the vocabulary after 20 warm-up steps at 3e-4).
 The same code runs on one CPU, one GPU, or several through `accelerate launch`.
 """
 
@@ -61,6 +65,28 @@ class TokenWarmup(TrainerCallback):
         self.set_phase(self.steps)  # leave the model fully trainable
 
 
+class WarmupTrainer(Trainer):
+    """Trainer whose learning rate is `token_lr_scale` times higher during the token warm-up."""
+
+    def __init__(self, *args, token_steps: int = 0, token_lr_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_steps, self.token_lr_scale = token_steps, token_lr_scale
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        created = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if created and self.token_steps and self.token_lr_scale != 1.0:
+            steps, scale = self.token_steps, self.token_lr_scale
+            wrapped = [
+                (lambda step, f=f: f(step) * (scale if step < steps else 1.0))
+                for f in scheduler.lr_lambdas
+            ]
+            # same schedule, scaled during the warm-up; the groups keep their `initial_lr`
+            scheduler = torch.optim.lr_scheduler.LambdaLR(scheduler.optimizer, wrapped)
+            self.lr_scheduler = scheduler
+        return scheduler
+
+
 class StopAfter(TrainerCallback):
     """Stop (as a crash would) once `step` optimizer steps are done: for resume tests."""
 
@@ -114,6 +140,7 @@ class TrainSettings:
     grad_accum: int
     lr: float
     warmup_steps: int  # token warm-up (new rows only)
+    warmup_lr_scale: float  # learning-rate multiplier during the token warm-up
     lr_warmup_ratio: float
     logging_steps: int
     save_steps: int
@@ -154,7 +181,7 @@ def train(
         learning_rate=settings.lr,
         weight_decay=0.0,
         lr_scheduler_type="cosine",
-        warmup_steps=max(1, int(settings.lr_warmup_ratio * settings.max_steps)),
+        warmup_steps=int(settings.lr_warmup_ratio * settings.max_steps),
         logging_steps=settings.logging_steps,
         save_strategy="steps",
         save_steps=settings.save_steps,
@@ -172,7 +199,9 @@ def train(
         disable_tqdm=False,
     )
     warmup = TokenWarmup(model, first_new_token, settings.warmup_steps)
-    trainer = Trainer(
+    trainer = WarmupTrainer(
+        token_steps=settings.warmup_steps,
+        token_lr_scale=settings.warmup_lr_scale,
         model=model,
         args=args,
         train_dataset=Rows(train_rows),

@@ -75,8 +75,11 @@ def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) 
         tags[f"gr2.stage.{m.stage}.run_id"] = m.mlflow_run_id or ""
         tags[f"gr2.stage.{m.stage}.dir"] = m.directory
     finish_parent(tracking, tags=tags)
+    midtrain_eval = next((m for m in stages if m.stage == "midtrain_eval"), None)
     return {
         "report": baselines.path("report").read_text(),
+        "midtrain_report": midtrain_eval.path("report").read_text() if midtrain_eval else "",
+        "stage_seconds": {m.stage: m.metrics.get("wall_seconds") for m in stages},
         "tracking_uri": tracking.tracking_uri,
         "experiment_id": tracking.experiment_id,
         "mlflow_run_id": tracking.parent_run_id or "",

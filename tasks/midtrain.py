@@ -78,7 +78,7 @@ def provision_student(
         n_params = 0
         for shard in out.glob("*.safetensors"):
             with safe_open(shard, "pt") as f:
-                n_params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+                n_params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
         metrics = {
             "vocab_size": float(len(tok)),
             "sid_tokens": float(2 + sum(sizes)),
@@ -156,7 +156,10 @@ def midtrain(
                 **(common | {"ratios": {t: 1.0 for t in mt.TASKS}}),
             )
             held_table = mt.to_table(held, tok, cfg.max_length)
+            # held-out loss only on texts the training mixture does not contain
+            held_table = held_table.filter(~pl.col("text").is_in(table["text"].implode()))
             eval_sets = {t: held_table.filter(pl.col("task") == t) for t in mt.TASKS}
+            eval_sets = {t: v for t, v in eval_sets.items() if v.height}
         table.write_parquet(work / "train.parquet")
         mt.save_json(mix.heldout_items, work / "heldout_items.json")
         counts = table.group_by("task").len()
@@ -187,6 +190,7 @@ def midtrain(
             grad_accum=cfg.grad_accum,
             lr=cfg.lr,
             warmup_steps=cfg.warmup_steps,
+            warmup_lr_scale=cfg.warmup_lr_scale,
             lr_warmup_ratio=cfg.lr_warmup_ratio,
             logging_steps=cfg.logging_steps,
             save_steps=cfg.save_steps,

@@ -9,6 +9,7 @@ body, and publish the folder with its manifest (the `publish` task tags the pare
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,9 @@ class Stage:
         work = folder.open()
         log.info("%s: key %s, writing to %s", self.name, key, work)
         with stage_run(tracking, self.name, key, self.section(config)) as run:
+            start = time.perf_counter()
             result = body(work, run)
+            result.metrics["wall_seconds"] = time.perf_counter() - start
             run.log_metrics(result.metrics)
             manifest = folder.commit(
                 result.files,

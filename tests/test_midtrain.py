@@ -32,9 +32,7 @@ def _catalogue() -> mt.Catalogue:
         }
     )
     codes = [[i % SIZE, (i // SIZE) % SIZE, i // (SIZE * SIZE)] for i in range(N_ITEMS)]
-    sid_map = pl.DataFrame(
-        {"item_id": items["item_id"], "sid": [encode_sid(c) for c in codes]}
-    )
+    sid_map = pl.DataFrame({"item_id": items["item_id"], "sid": [encode_sid(c) for c in codes]})
     return mt.Catalogue.build(items, sid_map)
 
 
@@ -98,12 +96,16 @@ def test_mixture_uses_only_training_items_and_follows_the_ratios():
     )
     counts = pl.Series([t for t, _ in data.samples]).value_counts()
     got = dict(counts.iter_rows())
-    assert got == mt.mixture_counts(ratios, 200) == {
-        "persona": 49,
-        "sequential": 131,
-        "caption": 10,
-        "general": 10,
-    }
+    assert (
+        got
+        == mt.mixture_counts(ratios, 200)
+        == {
+            "persona": 49,
+            "sequential": 131,
+            "caption": 10,
+            "general": 10,
+        }
+    )
     held = {"valid": set(), "test": set()}
     allowed = {}
     for user, items, n in seqs.select("user_id", "items", "n").iter_rows():
@@ -154,6 +156,7 @@ def _settings(**kw) -> TrainSettings:
         grad_accum=1,
         lr=1e-2,
         warmup_steps=2,
+        warmup_lr_scale=10.0,
         lr_warmup_ratio=0.0,
         logging_steps=1,
         save_steps=3,
@@ -171,15 +174,12 @@ def _first_new(tok) -> int:
 def test_token_warmup_trains_only_the_new_rows(student, tmp_path):
     tok = AutoTokenizer.from_pretrained(student)
     before = AutoModelForCausalLM.from_pretrained(student).state_dict()
-    model, _ = train(
-        student,
-        _table(tok, 12),
-        {},
-        tmp_path,
-        _settings(max_steps=3, warmup_steps=3, save_steps=100),
-        _first_new(tok),
-        tok.pad_token_id,
+    settings = _settings(max_steps=3, warmup_steps=3, save_steps=100)
+    model, log = train(
+        student, _table(tok, 12), {}, tmp_path, settings, _first_new(tok), tok.pad_token_id
     )
+    lrs = [r["learning_rate"] for r in log if "learning_rate" in r]
+    assert lrs[0] == pytest.approx(settings.lr * settings.warmup_lr_scale)  # warm-up rate
     after = model.state_dict()
     emb = "model.embed_tokens.weight"
     first = _first_new(tok)
@@ -211,12 +211,15 @@ def test_crash_and_resume_continue_where_training_stopped(student, tmp_path):
     counter = Count(10**9)
     resumed, log = train(student, table, {}, tmp_path / "run", _settings(), first, pad, [counter])
     assert counter.steps == [4, 5, 6]  # only the remaining steps ran
+    lrs = [r["learning_rate"] for r in ref_log if "learning_rate" in r]
+    assert lrs[0] > 5 * _settings().lr > lrs[2]  # x10 during the 2 warm-up steps, then x1
     ref_loss = [r["loss"] for r in ref_log if "loss" in r]
     run_loss = [r["loss"] for r in log if "loss" in r]
     # the history of steps 1-3 comes back from the checkpoint, steps 4-6 match the reference
     assert run_loss == pytest.approx(ref_loss, rel=1e-4) and len(run_loss) == 6
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-5), name
+    final = resumed.state_dict()
+    for name, a in reference.state_dict().items():
+        assert torch.allclose(a, final[name], atol=1e-5), name
 
 
 def test_batched_constrained_retrieval_is_valid_distinct_and_scored(student):
