@@ -76,6 +76,13 @@ def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) 
         tags[f"gr2.stage.{m.stage}.dir"] = m.directory
     finish_parent(tracking, tags=tags)
     midtrain_eval = next((m for m in stages if m.stage == "midtrain_eval"), None)
+    if midtrain_eval is not None:
+        create_table_artifact(
+            format_table(read(midtrain_eval, "metrics")).to_dicts(),
+            key="gr2-midtrain",
+            description=f"Student next-item retrieval (constrained beam search) vs the pre-ranker "
+            f"on {config.data.dataset} ({config.profile}): value [95% CI]",
+        )
     return {
         "report": baselines.path("report").read_text(),
         "midtrain_report": midtrain_eval.path("report").read_text() if midtrain_eval else "",

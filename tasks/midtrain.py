@@ -11,7 +11,6 @@ from pathlib import Path
 
 import polars as pl
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
 
 import gr2_core.constrained
 import gr2_core.midtrain as mt
@@ -338,9 +337,6 @@ def evaluate_midtrain(
         run.log_text(markdown, "metrics.md")
         run.log_table(pl.DataFrame(captions), "captions.csv")
         log.info("midtrain_eval:\n%s", markdown)
-        create_table_artifact(
-            pretty.to_dicts(), key="gr2-midtrain", description=title + " (value [95% CI])"
-        )
         files = {
             "metrics": "metrics.parquet",
             "captions": "captions.parquet",
