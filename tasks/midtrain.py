@@ -181,8 +181,8 @@ def midtrain(
             ),
             "sample_texts.txt",
         )
-        sid_tokens = json.loads(student.path("sid_levels").read_text())["sizes"]
-        first_new = len(tok) - (2 + sum(sid_tokens))
+        sizes = json.loads(student.path("sid_levels").read_text())["sizes"]
+        first_new = len(tok) - (2 + sum(sizes))  # the SID tokens are the last rows
         settings = gr2_core.training.TrainSettings(
             max_steps=cfg.max_steps,
             batch_size=cfg.batch_size,
