@@ -1,0 +1,110 @@
+"""Reranking prompts, the strict answer filter, and the decoupled-weight SFT loss."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import polars as pl
+import pytest
+import torch
+
+from gr2_core.midtrain import Catalogue
+from gr2_core.prompts import build_messages, check_answer, parse_answer
+from gr2_core.semantic_ids.sidmap import encode_sid
+from gr2_core.sft import answer_segments, token_weights, weighted_lm_loss
+
+
+def _catalogue(n: int = 12) -> Catalogue:
+    items = pl.DataFrame(
+        {
+            "item_id": [f"m{i}" for i in range(n)],
+            "title": [f"Film {i}" for i in range(n)],
+            "year": [1990 + i for i in range(n)],
+            "categories": [["Drama"]] * n,
+        }
+    )
+    sid_map = pl.DataFrame(
+        {"item_id": items["item_id"], "sid": [encode_sid([i, 0]) for i in range(n)]}
+    )
+    return Catalogue.build(items, sid_map)
+
+
+CAT = _catalogue()
+SLATE = [CAT.sid[f"m{i}"] for i in (3, 4, 5)]
+VALID = frozenset(CAT.sid.values())
+
+
+def _answer(recs, explanation="History suggests " + SLATE[1] + ".") -> str:
+    return json.dumps({"explanation": explanation, "recommendations": recs})
+
+
+@pytest.mark.parametrize(
+    ("text", "target", "reason"),
+    [
+        (_answer([SLATE[1], SLATE[0], SLATE[2]]), SLATE[1], "accepted"),
+        (_answer([SLATE[1], SLATE[0], SLATE[2]]), None, "accepted"),  # targeted: no top-1 rule
+        (_answer([SLATE[0], SLATE[1], SLATE[2]]), SLATE[1], "wrong_top1"),
+        (_answer([SLATE[1], SLATE[1], SLATE[2]]), SLATE[1], "duplicate"),
+        (_answer([SLATE[1], SLATE[0]]), SLATE[1], "missing"),
+        (_answer([SLATE[1], SLATE[0], CAT.sid["m9"]]), SLATE[1], "not_in_slate"),
+        (_answer([SLATE[1], SLATE[0], encode_sid([99, 0])]), SLATE[1], "unknown_sid"),
+        (_answer(SLATE, "Because of " + encode_sid([77, 1])), SLATE[0], "unknown_cited_sid"),
+        ('{"explanation": "x", "recommendations": [', None, "broken_json"),
+        ("I think: " + _answer(SLATE), None, "extra_text"),
+        (_answer(SLATE) + "\nHope this helps", None, "extra_text"),
+        ("```json\n" + _answer(SLATE) + "\n```", None, "extra_text"),
+        (json.dumps({"explanation": "x"}), None, "schema"),
+        (json.dumps({"explanation": 3, "recommendations": SLATE}), None, "schema"),
+        (json.dumps({"explanation": "x", "recommendations": SLATE, "extra": 1}), None, "schema"),
+        ("", None, "broken_json"),
+    ],
+)
+def test_filter_catalogue(text, target, reason):
+    verdict = check_answer(text, SLATE, VALID, target)
+    assert verdict.reason == reason
+    assert verdict.accepted == (reason == "accepted")
+
+
+def test_prompt_has_the_five_parts_and_switches():
+    history, cands = ["m0", "m1"], ["m3", "m4", "m5"]
+    notes = {"m4": "watched with m1 by 12 users"}
+    msgs = build_messages(history, cands, CAT, knowledge=True, notes=notes)
+    system, user = msgs[0]["content"], msgs[1]["content"]
+    assert "Rerank them" in system and "3 candidate" in system
+    for item in history + cands:
+        assert f"{CAT.sid[item]} {CAT.caption[item]}" in user  # SID + title + year + genres
+    assert "Domain knowledge" in user and "watched with m1 by 12 users" in user
+    assert "Pattern recognition" in user and '"recommendations"' in user
+    assert "actually watched" not in user  # rejection variant reveals nothing
+    plain = build_messages(history, cands, CAT, knowledge=False, notes=notes)[1]["content"]
+    assert "Domain knowledge" not in plain and "12 users" not in plain
+    targeted = build_messages(history, cands, CAT, target="m4")[1]["content"]
+    assert f"actually watched {CAT.sid['m4']}" in targeted
+
+
+def test_answer_segments_concatenate_to_parseable_json():
+    segs = answer_segments('He said "hi"', SLATE)
+    answer, reason = parse_answer("".join(t for t, _ in segs))
+    assert reason == "ok" and answer.recommendations == SLATE
+    assert [k for _, k in segs] == ["reasoning", "answer"]
+
+
+def test_weighted_loss_equals_hand_computed_cross_entropy():
+    # one sequence of 4 tokens over a vocabulary of 3; position t predicts token t+1
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]]])
+    labels = torch.tensor([[0, 1, 2, 0]])
+    kinds = [None, "reasoning", "answer", "answer"]  # the prompt token is not trained
+    weights = torch.tensor([token_weights(kinds, 0.5, 2.0)])
+
+    def ce(row: list[float], y: int) -> float:
+        return -(row[y] - math.log(sum(math.exp(v) for v in row)))
+
+    expected = (
+        0.5 * ce([2.0, 0.0, 0.0], 1) + 2.0 * ce([0.0, 1.0, 0.0], 2) + 2.0 * ce([0.0, 0.0, 3.0], 0)
+    ) / 3
+    assert weighted_lm_loss(logits, labels, weights).item() == pytest.approx(expected, rel=1e-6)
+    # equal weights of 1 give the plain mean cross-entropy over the trained tokens
+    ones = torch.tensor([token_weights(kinds, 1.0, 1.0)])
+    plain = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:])
+    assert weighted_lm_loss(logits, labels, ones).item() == pytest.approx(plain.item(), rel=1e-6)
