@@ -209,6 +209,26 @@ def build_mixture(
     return MidtrainData([out[i] for i in order], heldout)
 
 
+def heldout_loss_sets(
+    mixture_args: dict,
+    per_task: int,
+    seed: int,
+    train_table: pl.DataFrame,
+    tok,
+    max_length: int,
+) -> dict[str, pl.DataFrame]:
+    """Up to `per_task` tokenized samples per task for held-out loss curves: drawn like the
+    mixture (`mixture_args` = `build_mixture`'s other arguments) with another seed, equal shares,
+    any text the training table holds removed."""
+    if not per_task:
+        return {}
+    args = mixture_args | {"ratios": {t: 1.0 for t in TASKS}}
+    held = to_table(build_mixture(total=per_task * len(TASKS), seed=seed, **args), tok, max_length)
+    held = held.filter(~pl.col("text").is_in(train_table["text"].implode()))
+    sets = {t: held.filter(pl.col("task") == t) for t in TASKS}
+    return {t: v for t, v in sets.items() if v.height}
+
+
 def tokenize(segments: Sequence[Segment], tok, max_length: int, add_eos: bool = True) -> dict:
     """input_ids and labels (IGNORE where not trained); EOS closes the last (trained) segment.
 

@@ -38,25 +38,29 @@ def default_student() -> tuple[Path, str]:
     return folder, SMOLLM2_GGUF
 
 
-def load_source(source: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The student from `source` (a folder or hub id), or the packaged GGUF when None."""
+def _location(source: str | None) -> tuple[str | Path, dict[str, str]]:
+    """(path or hub id, extra from_pretrained kwargs): the packaged GGUF when `source` is None."""
     if source is None:
         folder, gguf = default_student()
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        dequantised = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=gguf, dtype=torch.float32
-        )
+        return folder, {"gguf_file": gguf}
+    return source, {}
+
+
+def load_source(source: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The student from `source` (a folder or hub id), or the packaged GGUF when None."""
+    where, extra = _location(source)
+    tok = AutoTokenizer.from_pretrained(where, **extra)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra)
+    if extra:
         # a model loaded from GGUF is flagged as quantized and refuses save_pretrained: copy its
         # (de-quantised) weights into a fresh model built from the same config
-        config = dequantised.config
+        config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(dequantised.state_dict())
-        model.generation_config = dequantised.generation_config
-    else:
-        tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(model.state_dict())
+        fresh.generation_config = model.generation_config
+        model = fresh
     return model, tok
 
 
@@ -74,13 +78,9 @@ def tiny_from(
     source: str | None, hidden_size: int, layers: int, seed: int
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A small random model of the source's architecture, with the source's real tokenizer."""
-    if source is None:
-        folder, gguf = default_student()
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
-    else:
-        tok = AutoTokenizer.from_pretrained(source)
-        config = AutoConfig.from_pretrained(source)
+    where, extra = _location(source)
+    tok = AutoTokenizer.from_pretrained(where, **extra)
+    config = AutoConfig.from_pretrained(where, **extra)
     heads = 2
     config.update(
         {

@@ -102,5 +102,15 @@ def caption_accuracy(
     return hits / max(len(items), 1), out_rows
 
 
+def preranker_ranks(rows: pl.DataFrame, slates: pl.DataFrame, split: str) -> np.ndarray:
+    """The pre-ranker's rank of each row's target (0 if outside its slate), for the same users."""
+    joined = rows.join(
+        slates.filter(pl.col("split") == split).select("user_id", "target_rank"),
+        on="user_id",
+        how="left",
+    )
+    return rank_array(joined["target_rank"].to_list())
+
+
 def rank_array(ranks: Sequence[int | None]) -> np.ndarray:
     return np.array([r or 0 for r in ranks], dtype=np.int64)

@@ -16,7 +16,7 @@ The same code runs on one CPU, one GPU, or several through `accelerate launch`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import polars as pl
@@ -148,6 +148,12 @@ class TrainSettings:
     seed: int
     num_threads: int
     report_to: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg, report_to: tuple[str, ...] = ()) -> TrainSettings:
+        """The same-named fields of a stage config (e.g. `MidtrainConfig`)."""
+        names = [f.name for f in fields(cls) if f.name != "report_to"]
+        return cls(**{n: getattr(cfg, n) for n in names}, report_to=report_to)
 
 
 def use_cuda() -> bool:

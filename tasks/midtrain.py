@@ -147,18 +147,9 @@ def midtrain(
         )
         mix = mt.build_mixture(total=cfg.total_samples, seed=cfg.seed, **common)
         table = mt.to_table(mix, tok, cfg.max_length)
-        eval_sets = {}
-        if cfg.eval_samples_per_task:
-            held = mt.build_mixture(
-                total=cfg.eval_samples_per_task * len(mt.TASKS),
-                seed=cfg.seed + 1,
-                **(common | {"ratios": {t: 1.0 for t in mt.TASKS}}),
-            )
-            held_table = mt.to_table(held, tok, cfg.max_length)
-            # held-out loss only on texts the training mixture does not contain
-            held_table = held_table.filter(~pl.col("text").is_in(table["text"].implode()))
-            eval_sets = {t: held_table.filter(pl.col("task") == t) for t in mt.TASKS}
-            eval_sets = {t: v for t, v in eval_sets.items() if v.height}
+        eval_sets = mt.heldout_loss_sets(
+            common, cfg.eval_samples_per_task, cfg.seed + 1, table, tok, cfg.max_length
+        )
         table.write_parquet(work / "train.parquet")
         mt.save_json(mix.heldout_items, work / "heldout_items.json")
         counts = table.group_by("task").len()
@@ -183,21 +174,7 @@ def midtrain(
         )
         sizes = json.loads(student.path("sid_levels").read_text())["sizes"]
         first_new = len(tok) - (2 + sum(sizes))  # the SID tokens are the last rows
-        settings = gr2_core.training.TrainSettings(
-            max_steps=cfg.max_steps,
-            batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            lr=cfg.lr,
-            warmup_steps=cfg.warmup_steps,
-            warmup_lr_scale=cfg.warmup_lr_scale,
-            lr_warmup_ratio=cfg.lr_warmup_ratio,
-            logging_steps=cfg.logging_steps,
-            save_steps=cfg.save_steps,
-            eval_steps=cfg.eval_steps,
-            seed=cfg.seed,
-            num_threads=cfg.num_threads,
-            report_to=("mlflow",),
-        )
+        settings = gr2_core.training.TrainSettings.from_config(cfg, report_to=("mlflow",))
         with mlflow_env(tracking, run.run_id):
             model, history = gr2_core.training.train(
                 student.path("model"),
@@ -282,12 +259,7 @@ def evaluate_midtrain(
             metrics[f"{split_name}/invalid_rate"] = out["invalid_rate"]
             metrics[f"{split_name}/duplicate_rate"] = out["duplicate_rate"]
             student_ranks = gr2_core.sid_eval.rank_array(out["ranks"])
-            pre = rows.join(
-                slates.filter(pl.col("split") == split_name).select("user_id", "target_rank"),
-                on="user_id",
-                how="left",
-            )
-            pre_ranks = gr2_core.sid_eval.rank_array(pre["target_rank"].to_list())
+            pre_ranks = gr2_core.sid_eval.preranker_ranks(rows, slates, split_name)
             for method, ranks in (
                 (f"student beam{cfg.num_beams}", student_ranks),
                 ("preranker (SASRec)", pre_ranks),
