@@ -6,6 +6,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# vLLM (CPU build) for the default local teacher server, in a virtualenv of its own
+TEACHER_VENV ?= .venv-vllm
 PROFILE ?= demo
 # Local, offline defaults: Prefect's database and MLflow's under the ignored var/ folder.
 export PREFECT_HOME ?= $(CURDIR)/var/prefect
@@ -16,7 +18,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test ui ui-stop lint bench clean
+.PHONY: install teacher-env run test ui ui-stop lint bench bench-teacher clean
 
 $(BIN)/.installed: pyproject.toml requirements-data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,11 +29,21 @@ $(BIN)/.installed: pyproject.toml requirements-data.txt
 
 install: $(BIN)/.installed
 
-run: install
+# torchvision/torchaudio/torchcodec fail to load beside this torch build and vLLM needs none
+$(TEACHER_VENV)/.installed: requirements-teacher.txt
+	test -x $(TEACHER_VENV)/bin/python || $(PYTHON) -m venv $(TEACHER_VENV)
+	$(TEACHER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TEACHER_VENV)/bin/python -m pip install --quiet -r requirements-teacher.txt
+	$(TEACHER_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+teacher-env: $(TEACHER_VENV)/.installed
+
+run: install teacher-env
 	mkdir -p "$(PREFECT_HOME)"
 	$(BIN)/gr2 run --profile $(PROFILE)
 
-test: install
+test: install teacher-env
 	bash infra/run_tests.sh
 
 ui: install
@@ -48,6 +60,16 @@ bench: install
 	$(BIN)/python benchmarks/semantic_ids.py
 	$(BIN)/python benchmarks/preranker.py --dataset ml-1m --ours-epochs 20 --recbole-epochs 1
 	$(BIN)/python benchmarks/train_throughput.py --steps 5 --out var/train_throughput_cpu.jsonl
+
+# teacher engines side by side (needs a finished `make run` for its slates); llama.cpp's server
+# compiles on install (about 3.5 minutes)
+.venv-llamacpp/.installed:
+	test -x .venv-llamacpp/bin/python || $(PYTHON) -m venv .venv-llamacpp
+	CMAKE_ARGS=-DLLAVA_BUILD=OFF .venv-llamacpp/bin/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	touch $@
+
+bench-teacher: install teacher-env .venv-llamacpp/.installed
+	$(BIN)/python benchmarks/teacher.py --throughput --acceptance --doc docs/benchmarks.md
 
 clean:
 	rm -rf var

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,10 +22,15 @@ class StageConfig(BaseModel):
     """Base of every stage config: immutable, unknown keys rejected, hashable for cache keys."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # fields that change how a stage runs but not what it produces (ports, timeouts, ...)
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
 
     def digest(self) -> str:
-        """Stable sha256 of the config's JSON form (the config part of a stage's cache key)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Stable sha256 of the config's JSON form (the config part of a stage's cache key);
+        operational fields are left out."""
+        blob = json.dumps(
+            self.model_dump(mode="json", exclude=set(self.OPERATIONAL)), sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -239,6 +244,128 @@ class MidtrainConfig(StageConfig):
         return self.max_steps * self.batch_size * self.grad_accum
 
 
+class TeacherConfig(StageConfig):
+    """Teacher reasoning traces (SPEC section 4): backend, sampling, the rejection filter."""
+
+    backend: Literal["openai", "hf"] = Field(
+        "openai",
+        description="openai: any OpenAI-compatible chat endpoint (vLLM, llama.cpp, a provider); "
+        "hf: a local transformers model.",
+    )
+    base_url: str | None = Field(
+        None,
+        description="URL of a running server (e.g. http://127.0.0.1:8000/v1). Empty: the "
+        "pipeline starts vLLM on 127.0.0.1 with `source`, and stops it after the stage.",
+    )
+    model: str | None = Field(
+        None, description="Model name on the server; empty: the first model the server lists."
+    )
+    source: str | None = Field(
+        None,
+        description="Weights the local server or the hf backend loads: a HF folder or hub id; "
+        "empty: the packaged SmolLM2-135M-Instruct exported to safetensors.",
+    )
+    api_key_env: str = Field(
+        "GR2_TEACHER_API_KEY", description="Environment variable holding the API key, if any."
+    )
+    api_key_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block with the API key (wins over the env)."
+    )
+    server_python: str = Field(
+        ".venv-vllm/bin/python",
+        description="Python of the vLLM virtualenv (`make teacher-env`) for the local server.",
+    )
+    server_kv_cache_gib: int = Field(2, ge=1, description="vLLM CPU KV cache size.")
+    server_start_timeout_s: float = Field(300.0, gt=0)
+    concurrency: int = Field(4, ge=1, description="Requests in flight per shard.")
+    timeout_s: float = Field(300.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(6, ge=0, description="Retries on 429/5xx/timeouts/connection errors.")
+    backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles, capped at 30 s.")
+    structured_output: Literal["json_schema", "json_object", "none"] = Field(
+        "json_schema",
+        description="Constrain answers to the schema (vLLM: json_schema; llama.cpp: json_object).",
+    )
+    use_n: bool = Field(True, description="Ask for several samples in one request (`n`).")
+    stepwise: bool = Field(
+        True,
+        description="vLLM only: pick each recommendation among the unused slate SIDs "
+        "(continue_final_message + choice), so every answer is a permutation.",
+    )
+    modes: list[Literal["targeted", "rejection"]] = Field(
+        default_factory=lambda: ["targeted", "rejection"],
+        description="Trace sets to generate (one SFT model each).",
+    )
+    slates: int = Field(200, ge=1, description="Training slates to explain (one per user).")
+    history_items: int = Field(10, ge=1, description="Most recent history items in the prompt.")
+    knowledge: bool = Field(True, description="Domain-knowledge priming (KP) block on/off.")
+    cowatch_notes: bool = Field(True, description="Per-candidate co-watching counts in the KP.")
+    max_attempts: int = Field(4, ge=1, description="Tries per slate until one is accepted.")
+    samples_per_request: int = Field(4, ge=1, description="Attempts asked for per request.")
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(512, ge=16, description="Completion cap per answer.")
+    explanation_chars: int = Field(400, ge=20, description="Explanation cap (structured output).")
+    shards: int = Field(4, ge=1, description="Shard files (resume and fan-out unit).")
+    parallel_shards: int = Field(1, ge=1, description="Shards run at once on the task runner.")
+    hf_batch_size: int = Field(8, ge=1)
+    num_threads: int = Field(2, ge=1)
+    seed: int = 0
+
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
+        {
+            "base_url",
+            "api_key_env",
+            "api_key_secret",
+            "server_python",
+            "server_kv_cache_gib",
+            "server_start_timeout_s",
+            "concurrency",
+            "timeout_s",
+            "max_retries",
+            "backoff_s",
+            "parallel_shards",
+            "hf_batch_size",
+            "num_threads",
+        }
+    )
+
+
+class SFTConfig(StageConfig):
+    """Decoupled-weight SFT of the mid-trained student on accepted traces."""
+
+    lambda_r: float = Field(0.5, ge=0, description="Weight of reasoning tokens.")
+    lambda_o: float = Field(1.0, gt=0, description="Weight of answer tokens (> lambda_r).")
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    lr_warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_length: int = Field(2048, ge=64, description="Samples longer than this are dropped.")
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int = Field(25, ge=1, description="Checkpoint interval (resume point).")
+    eval_slates: int = Field(200, ge=1, description="Valid/test slates evaluated per split.")
+    eval_batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(320, ge=16)
+    constrained_answer: bool = Field(
+        True,
+        description="Also evaluate with the answer list decoded constrained to a permutation of "
+        "the slate's SIDs (the free answer's explanation kept).",
+    )
+    num_threads: int = Field(2, ge=1)
+    seed: int = 0
+
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"num_threads", "eval_batch_size"})
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        if not self.lambda_r < self.lambda_o:
+            raise ValueError(
+                f"sft.lambda_r ({self.lambda_r}) must be below sft.lambda_o ({self.lambda_o})"
+            )
+        return self
+
+
 class EvalConfig(StageConfig):
     """Ranking metrics and their bootstrap confidence intervals (SPEC section 6)."""
 
@@ -272,6 +399,8 @@ class PipelineConfig(StageConfig):
     semantic_ids: SemanticIdConfig = SemanticIdConfig()
     student: StudentConfig = StudentConfig()
     midtrain: MidtrainConfig = MidtrainConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    sft: SFTConfig = SFTConfig()
     evaluation: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 

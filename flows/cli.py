@@ -71,6 +71,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         replace_section(Path(args.midtrain_doc), heading, f"{note}\n\n{body}", "Benchmarks")
         print(f"Wrote section '{heading}' of {args.midtrain_doc}")
+    if result.get("sft_report"):
+        summary = traces_summary(result.get("traces", {}))
+        print(f"Teacher traces:\n{summary}\n\nSFT rerankers:\n{result['sft_report']}")
+        if args.sft_doc:
+            from gr2_core.report import replace_section
+
+            command = "gr2 " + " ".join(argv_for_doc(args, "--sft-doc", args.sft_doc))
+            heading = (
+                f"Teacher traces and SFT rerankers, {config.data.dataset} "
+                f"(profile {config.profile})"
+            )
+            secs = result.get("stage_seconds", {})
+            timed = ", ".join(
+                f"{s} {v:.0f} s"
+                for s, v in secs.items()
+                if v is not None and (s == "traces" or s.startswith("sft"))
+            )
+            body = (
+                f"Command: `{command}` (stage wall time on {os.cpu_count()} cores: {timed}).\n\n"
+                f"Teacher acceptance (a slate is accepted when one attempt passes the filter with "
+                f"the target first):\n\n{summary}\n\nSFT rerankers on conditional slates, value "
+                f"[95% bootstrap CI]; invalid answers count as misses; seconds = generation time "
+                f"per slate:\n\n{result['sft_report']}\n"
+            )
+            replace_section(Path(args.sft_doc), heading, body, "Benchmarks")
+            print(f"Wrote section '{heading}' of {args.sft_doc}")
     print(
         f"MLflow: tracking URI {result['tracking_uri']}, experiment {result['experiment_id']}, "
         f"run {result['mlflow_run_id']}"
@@ -80,6 +106,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['mlflow_run_id']}"
     )
     return 0
+
+
+def traces_summary(metrics: dict[str, float]) -> str:
+    """Markdown table of the teacher's acceptance per mode from the traces stage metrics."""
+    modes = sorted({k.split("/")[0] for k in metrics if k.endswith("/slates")})
+    lines = [
+        "| mode | slates | attempts | accepted slates | slate acceptance | attempt acceptance "
+        "| rejections |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in modes:
+        reasons = ", ".join(
+            f"{k.split('/', 2)[2]} {v:.0f}"
+            for k, v in sorted(metrics.items())
+            if k.startswith(f"{m}/rejected/")
+        )
+        lines.append(
+            f"| {m} | {metrics[f'{m}/slates']:.0f} | {metrics[f'{m}/attempts']:.0f} | "
+            f"{metrics[f'{m}/accepted_slates']:.0f} | {metrics[f'{m}/slate_acceptance']:.3f} | "
+            f"{metrics[f'{m}/attempt_acceptance']:.3f} | {reasons or '-'} |"
+        )
+    return "\n".join(lines)
 
 
 def argv_for_doc(
@@ -150,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--midtrain-doc",
         help="also write the student's next-item table as a section of this markdown file",
+    )
+    run.add_argument(
+        "--sft-doc",
+        help="also write the teacher acceptance and SFT reranker tables as a section of this file",
     )
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check your own data files against the contracts")

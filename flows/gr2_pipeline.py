@@ -17,7 +17,9 @@ from tasks.midtrain import evaluate_midtrain, midtrain, provision_student
 from tasks.preranker import generate_candidates, train_preranker
 from tasks.semantic_ids import build_semantic_ids, embed_items
 from tasks.setup import start_tracking
+from tasks.sft import evaluate_sft, sft
 from tasks.split import split_sequences
+from tasks.traces import generate_traces
 from tasks.tracking import fail_parent_hook
 
 FLOW_NAME = "gr2-pipeline"
@@ -27,7 +29,7 @@ DEMO = load_profile("demo")  # the form's defaults in the Prefect UI
 @flow(name=FLOW_NAME, on_failure=[fail_parent_hook], on_crashed=[fail_parent_hook])
 def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
     """Data, split, pre-ranker, slates, baselines, item embeddings, semantic IDs, student,
-    SID mid-training and its evaluation."""
+    SID mid-training and its evaluation, teacher traces, SFT per trace mode and its evaluation."""
     tracking = start_tracking(config, FLOW_NAME)
     data = load_data(config, tracking)
     split = split_sequences(config, data, tracking)
@@ -44,6 +46,16 @@ def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
     )
     stages = [data, split, preranker, candidates, baselines, embeddings, semantic_ids]
     stages += [student, midtrained, midtrain_eval]
+    modes = config.teacher.modes  # empty: no teacher, no SFT
+    if modes:
+        traces = generate_traces(config, data, split, semantic_ids, candidates, tracking)
+        stages.append(traces)
+    for mode in modes:
+        tuned = sft(config, mode, data, split, semantic_ids, traces, midtrained, tracking)
+        stages += [
+            tuned,
+            evaluate_sft(config, mode, data, split, semantic_ids, candidates, tuned, tracking),
+        ]
     return publish(config, tracking, stages)
 
 

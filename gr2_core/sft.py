@@ -13,6 +13,7 @@ the ordinary SFT loss on the assistant message.
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 import torch.nn.functional as F
@@ -51,3 +52,266 @@ def weighted_lm_loss(
     ).view_as(shift_w)
     trained = (shift_w > 0).sum().clamp(min=1)
     return (ce * shift_w).sum() / trained
+
+
+# -- samples --------------------------------------------------------------------------------
+def encode_sample(
+    tok,
+    messages: list[dict[str, str]],
+    explanation: str,
+    recommendations: list[str],
+    lambda_r: float,
+    lambda_o: float,
+) -> dict[str, list]:
+    """Token ids, labels and weights of one chat sample: prompt (weight 0), then the assistant
+    JSON (reasoning segment lambda_r, answer segment lambda_o) and EOS (answer weight)."""
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    kinds: list[str | None] = [None] * len(ids)
+    for text, kind in answer_segments(explanation, recommendations):
+        seg = tok(text, add_special_tokens=False)["input_ids"]
+        ids += seg
+        kinds += [kind] * len(seg)
+    ids.append(tok.eos_token_id)
+    kinds.append(ANSWER)
+    weights = token_weights(kinds, lambda_r, lambda_o)
+    labels = [t if k is not None else -100 for t, k in zip(ids, kinds, strict=True)]
+    return {"input_ids": ids, "labels": labels, "weights": weights}
+
+
+class WeightedCollator:
+    """Right-pads input_ids, labels (-100) and weights (0) of a batch."""
+
+    def __init__(self, pad_id: int):
+        self.pad = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        out = {
+            "input_ids": torch.full((len(rows), width), self.pad, dtype=torch.long),
+            "labels": torch.full((len(rows), width), -100, dtype=torch.long),
+            "weights": torch.zeros((len(rows), width), dtype=torch.float32),
+            "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+        }
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            out["input_ids"][i, :n] = torch.tensor(r["input_ids"])
+            out["labels"][i, :n] = torch.tensor(r["labels"])
+            out["weights"][i, :n] = torch.tensor(r["weights"], dtype=torch.float32)
+            out["attention_mask"][i, :n] = 1
+        return out
+
+
+def weighted_sft_trainer_class():
+    """TRL's SFTTrainer with the decoupled-weight loss (imported lazily: TRL is heavy)."""
+    from trl import SFTTrainer
+
+    class WeightedSFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss is `weighted_lm_loss` over the batch's `weights`."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            weights = inputs.pop("weights")
+            labels = inputs.pop("labels")
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
+            )
+            loss = weighted_lm_loss(outputs.logits, labels, weights)
+            return (loss, outputs) if return_outputs else loss
+
+    return WeightedSFTTrainer
+
+
+def train_sft(
+    model_dir,
+    rows: list[dict],
+    out_dir,
+    cfg,
+    tok,
+    report_to: tuple[str, ...] = (),
+    callbacks: tuple = (),
+):
+    """SFT with resume from the newest checkpoint in `out_dir/checkpoints`.
+
+    `cfg`: an `SFTConfig`. Returns (model, log history).
+    """
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig as TRLConfig
+
+    torch.set_num_threads(cfg.num_threads)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if cuda else torch.float32
+    )
+    ckpt = out_dir / "checkpoints"
+    args = TRLConfig(
+        output_dir=str(ckpt),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.lr_warmup_ratio,  # < 1: a fraction of the steps
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to=list(report_to),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=False,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = weighted_sft_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=WeightedCollator(tok.pad_token_id),
+        processing_class=tok,
+        callbacks=list(callbacks),
+    )
+    resume = get_last_checkpoint(str(ckpt)) if ckpt.exists() else None
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer.state.log_history
+
+
+# -- evaluation -----------------------------------------------------------------------------
+def generate_answers(
+    model,
+    tok,
+    prompts: list[list[dict]],
+    batch_size: int,
+    max_new_tokens: int,
+    progress=None,
+) -> tuple[list[str], list[float]]:
+    """Greedy answers for chat prompts in left-padded batches; seconds per prompt (batch time /
+    batch size)."""
+    import time
+
+    side = tok.padding_side
+    tok.padding_side = "left"
+    texts, seconds = [], []
+    try:
+        for b in range(0, len(prompts), batch_size):
+            chunk = [
+                tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                for m in prompts[b : b + batch_size]
+            ]
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
+            took = (time.perf_counter() - start) / len(chunk)
+            for row in out[:, enc["input_ids"].shape[1] :]:
+                texts.append(
+                    tok.decode(row, skip_special_tokens=False)
+                    .split(tok.eos_token)[0]
+                    .replace(tok.pad_token or "", "")
+                )
+                seconds.append(took)
+            if progress:
+                progress(len(texts), len(prompts))
+    finally:
+        tok.padding_side = side
+    return texts, seconds
+
+
+EXPLANATION_RE = re.compile(r'\{\s*"explanation"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _explanation(text: str) -> str:
+    """The explanation string of a (possibly unfinished) answer, or '' if there is none."""
+    m = EXPLANATION_RE.search(text)
+    if not m:
+        return ""
+    try:
+        return json.loads(f'"{m.group(1)}"')
+    except json.JSONDecodeError:
+        return m.group(1)
+
+
+def constrained_answer_list(model, tok, prefix_ids: list[int], slate: list[str]) -> list[str]:
+    """Greedy decoding of the recommendations, constrained to a permutation of `slate`.
+
+    `prefix_ids` ends just before the first SID (the answer's `"recommendations": ["`). At each
+    step only tokens that continue a SID of the slate not yet chosen are allowed (a trie over
+    their token ids); after a SID the separator tokens are appended as the training data had
+    them (`", "`, or `"]}` after the last). Returns the chosen SIDs in order.
+    """
+    from gr2_core.constrained import SIDTrie
+
+    sid_ids = {s: tok(s, add_special_tokens=False)["input_ids"] for s in slate}
+    sep = tok('", "', add_special_tokens=False)["input_ids"]
+    device = model.device
+    with torch.no_grad():
+        out = model(torch.tensor([prefix_ids], device=device), use_cache=True)
+        past, logits = out.past_key_values, out.logits[0, -1]
+        left, chosen = list(slate), []
+        while left:
+            trie = SIDTrie(sid_ids[s] for s in left)
+            got: list[int] = []
+            while True:
+                allowed = trie.allowed(got)
+                if not allowed:
+                    break
+                mask = torch.full_like(logits, float("-inf"))
+                mask[allowed] = 0
+                t = int((logits + mask).argmax())
+                got.append(t)
+                out = model(
+                    torch.tensor([[t]], device=device), past_key_values=past, use_cache=True
+                )
+                past, logits = out.past_key_values, out.logits[0, -1]
+            sid = next(s for s in left if sid_ids[s] == got)
+            chosen.append(sid)
+            left.remove(sid)
+            if left:
+                out = model(
+                    torch.tensor([sep], device=device), past_key_values=past, use_cache=True
+                )
+                past, logits = out.past_key_values, out.logits[0, -1]
+    return chosen
+
+
+def constrained_answers(
+    model, tok, prompts: list[list[dict]], slates: list[list[str]], free_texts: list[str]
+) -> tuple[list[str], list[float]]:
+    """Answers whose recommendation list is decoded constrained to the slate's SIDs.
+
+    The explanation is the one of the free answer (`free_texts`, from `generate_answers`; empty
+    if it has none); the list is then decoded by `constrained_answer_list` after the canonical
+    answer prefix, so every answer is a permutation of its slate. Returns (texts, seconds of the
+    constrained part per slate).
+    """
+    import time
+
+    texts, seconds = [], []
+    for messages, slate, free in zip(prompts, slates, free_texts, strict=True):
+        start = time.perf_counter()
+        explanation = _explanation(free)
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        head = answer_segments(explanation, [])[0][0]
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids += tok(head, add_special_tokens=False)["input_ids"]
+        ids += tok('"recommendations": ["', add_special_tokens=False)["input_ids"]
+        recs = constrained_answer_list(model, tok, ids, slate)
+        answer = {"explanation": explanation, "recommendations": recs}
+        texts.append(json.dumps(answer, ensure_ascii=False))
+        seconds.append(time.perf_counter() - start)
+    return texts, seconds

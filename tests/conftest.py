@@ -35,6 +35,7 @@ def ci_config(tmp_path: Path):
             "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
             "data.max_users": 120,
             "evaluation.bootstrap_samples": 50,
+            "teacher.modes": [],  # tests that need the teacher switch it on
         },
     )
 

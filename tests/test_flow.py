@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
@@ -17,6 +18,7 @@ from tests.conftest import write_csv
 pytestmark = pytest.mark.slow
 STAGES = ["data", "split", "preranker", "candidates", "baselines", "embeddings", "semantic_ids"]
 STAGES += ["student", "midtrain", "midtrain_eval"]
+TEACHER_STAGES = ["traces", "sft_targeted", "sft_eval_targeted"]
 
 
 def _run(config: PipelineConfig):
@@ -36,15 +38,20 @@ def _complete_dirs(root: Path, stage: str) -> list[Path]:
 
 
 def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci_config):
+    # the full pipeline, with the pipeline's own vLLM teacher server (targeted traces only)
+    ci_config = ci_config.model_copy(
+        update={"teacher": ci_config.teacher.model_copy(update={"modes": ["targeted"]})}
+    )
     state, flow_run_id, states = _run(ci_config)
     assert state.is_completed(), state.message
-    assert {states[s] for s in STAGES} == {"Completed"}
+    assert {states[s] for s in STAGES + TEACHER_STAGES} == {"Completed"}
+    assert {states["targeted-shard"]} == {"Completed"}
     result = state.result()
     assert "| preranker |" in result["report"]
 
     # every stage folder is complete: manifest present, files hashed
     root = Path(ci_config.artifacts_root)
-    for stage in STAGES:
+    for stage in STAGES + TEACHER_STAGES:
         (folder,) = _complete_dirs(root, stage)
         assert (folder / "manifest.json").exists()
 
@@ -57,7 +64,7 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     children = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert sorted(c.data.tags["gr2.stage"] for c in children) == sorted(STAGES)
+    assert sorted(c.data.tags["gr2.stage"] for c in children) == sorted(STAGES + TEACHER_STAGES)
     by_stage = {c.data.tags["gr2.stage"]: c for c in children}
     assert all(c.info.status == "FINISHED" for c in children)
     assert by_stage["data"].inputs.dataset_inputs, "input datasets logged with mlflow.data"
@@ -80,14 +87,36 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     assert mid_eval["midtrain_eval/test/duplicate_rate"] == 0
     assert 0 <= mid_eval["midtrain_eval/test/student.recall_at_10"] <= 1
 
-    # same config again: every stage is a cache hit
+    # teacher traces: every attempt written, statistics in MLflow and the Prefect table
+    traces = by_stage["traces"].data.metrics
+    assert traces["traces/targeted/slates"] == ci_config.teacher.slates
+    assert traces["traces/targeted/accepted_slates"] >= 1
+    (traces_dir,) = _complete_dirs(root, "traces")
+    attempts = pl.read_parquet(traces_dir / "targeted_attempts.parquet")
+    assert attempts.height == traces["traces/targeted/attempts"]
+    assert not (traces_dir / "teacher_model").exists(), "the exported teacher is scratch"
+    assert "teacher_server.log" in {
+        a.path for a in client.list_artifacts(by_stage["traces"].info.run_id)
+    }
+    # SFT: the Trainer's loss reached the stage run; the reranker was evaluated
+    sft_run = by_stage["sft_targeted"]
+    assert len(client.get_metric_history(sft_run.info.run_id, "loss")) == ci_config.sft.max_steps
+    sft_eval = by_stage["sft_eval_targeted"].data.metrics
+    assert 0 <= sft_eval["sft_eval_targeted/test/sft-targeted.invalid_rate"] <= 1
+    assert sft_eval["sft_eval_targeted/test/preranker.identity_rate"] == 1
+    assert "| sft-targeted |" in result["sft_report"]
+
+    # same config again: every stage is a cache hit (no server is started)
     state2, _, states2 = _run(ci_config)
     assert state2.is_completed()
-    assert {states2[s] for s in STAGES} == {"Cached"}, states2
+    assert {states2[s] for s in STAGES + TEACHER_STAGES} == {"Cached"}, states2
 
-    # only the pre-ranker changes: data and split stay cached, the rest re-runs
+    # only the pre-ranker changes: data and split stay cached, the rest re-runs (no teacher)
     changed = ci_config.model_copy(
-        update={"preranker": ci_config.preranker.model_copy(update={"epochs": 1})}
+        update={
+            "preranker": ci_config.preranker.model_copy(update={"epochs": 1}),
+            "teacher": ci_config.teacher.model_copy(update={"modes": []}),
+        }
     )
     state3, _, states3 = _run(changed)
     assert state3.is_completed()

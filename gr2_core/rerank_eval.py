@@ -1,0 +1,79 @@
+"""Evaluation of a generative reranker's answers on conditional slates (target in the slate).
+
+For each slate the answer text goes through the strict parser and filter (no target rule): a
+valid answer gives the target's rank in the answer's order; an invalid one counts as a miss
+(rank 0), so invalid outputs lower R@K/NDCG@K instead of leaving the sample. The identity rate
+is the share of valid answers that repeat the input order (the reward-hacking signature).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from gr2_core.metrics import bootstrap_ci, per_sample_metrics, rank_of
+from gr2_core.midtrain import Catalogue
+from gr2_core.prompts import check_answer
+
+
+def eval_slates(slates: pl.DataFrame, split: str, count: int, seed: int) -> pl.DataFrame:
+    """Up to `count` slates of `split` that contain their target, drawn with `seed`."""
+    pool = slates.filter((pl.col("split") == split) & pl.col("target_rank").is_not_null())
+    if pool.height > count:
+        pool = pool.sample(count, seed=seed).sort("user_id", "position")
+    return pool
+
+
+def score_answers(
+    texts: Sequence[str], slates: pl.DataFrame, cat: Catalogue
+) -> dict[str, np.ndarray]:
+    """Per slate: target rank (0 if invalid), invalid flag, identity flag, rejection reason."""
+    valid = frozenset(cat.sid.values())
+    ranks, invalid, identity, reasons = [], [], [], []
+    for text, row in zip(texts, slates.iter_rows(named=True), strict=True):
+        slate = [cat.sid[c] for c in row["candidates"]]
+        verdict = check_answer(text, slate, valid)
+        reasons.append(verdict.reason)
+        if verdict.accepted:
+            recs = verdict.answer.recommendations
+            ranks.append(rank_of(cat.sid[row["target"]], recs) or 0)
+            invalid.append(0.0)
+            identity.append(float(recs == slate))
+        else:
+            ranks.append(0)
+            invalid.append(1.0)
+            identity.append(0.0)
+    return {
+        "ranks": np.array(ranks, dtype=np.int64),
+        "invalid": np.array(invalid),
+        "identity": np.array(identity),
+        "reasons": np.array(reasons, dtype=object),
+    }
+
+
+def reranker_table(
+    method: str,
+    split: str,
+    ranks: np.ndarray,
+    extra: dict[str, np.ndarray],
+    samples: int,
+    confidence: float,
+    seed: int,
+) -> pl.DataFrame:
+    """Long table (method, split, mode, metric, value, ci_low, ci_high, n): R@1, R@5, NDCG@5 and
+    the per-slate `extra` rates (invalid, identity, latency), with bootstrap CIs."""
+    values = per_sample_metrics(ranks, (1, 5), (5,))
+    values.pop("mrr")
+    values |= extra
+    stats = bootstrap_ci(values, samples, confidence, seed)
+    rows = [(method, split, "conditional", m, *v, len(ranks)) for m, v in stats.items()]
+    return pl.DataFrame(
+        rows,
+        schema=["method", "split", "mode", "metric", "value", "ci_low", "ci_high", "n"],
+        orient="row",
+    )
+
+
+METRICS = ["recall@1", "recall@5", "ndcg@5", "invalid_rate", "identity_rate", "seconds"]

@@ -1,0 +1,179 @@
+"""Decoupled-weight SFT: sample encoding, the TRL trainer's loss, resume, answer scoring."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data_contracts.config import SFTConfig
+from gr2_core import rerank_eval
+from gr2_core.midtrain import Catalogue
+from gr2_core.sft import (
+    WeightedCollator,
+    encode_sample,
+    train_sft,
+    weighted_sft_trainer_class,
+)
+from gr2_core.training import StopAfter
+
+SID1, SID2 = "<|sid_begin|><s_a_1><|sid_end|>", "<|sid_begin|><s_a_2><|sid_end|>"
+MESSAGES = [
+    {"role": "system", "content": "You rerank movies."},
+    {
+        "role": "user",
+        "content": "Rank <|sid_begin|><s_a_1><|sid_end|> and <|sid_begin|><s_a_2><|sid_end|>.",
+    },
+]
+EXPLANATION = 'The user likes "war" films: <|sid_begin|><s_a_2><|sid_end|> fits.'
+RECS = ["<|sid_begin|><s_a_2><|sid_end|>", "<|sid_begin|><s_a_1><|sid_end|>"]
+
+
+def test_sample_weights_follow_the_segments(tokenizer):
+    s = encode_sample(tokenizer, MESSAGES, EXPLANATION, RECS, lambda_r=0.3, lambda_o=1.0)
+    ids, labels, w = s["input_ids"], s["labels"], s["weights"]
+    assert len(ids) == len(labels) == len(w)
+    prompt = [t for t, x in zip(ids, w, strict=True) if x == 0]
+    reasoning = [t for t, x in zip(ids, w, strict=True) if x == 0.3]
+    answer = [t for t, x in zip(ids, w, strict=True) if x == 1.0]
+    assert tokenizer.decode(prompt).endswith("assistant\n")
+    assert all(y == -100 for y, x in zip(labels, w, strict=True) if x == 0)
+    assert all(y == t for t, y, x in zip(ids, labels, w, strict=True) if x > 0)
+    head = tokenizer.decode(reasoning)
+    assert head == '{"explanation": ' + json.dumps(EXPLANATION) + ", "
+    assert tokenizer.decode(answer) == '"recommendations": ' + json.dumps(RECS) + "}" + (
+        tokenizer.eos_token
+    )
+    # the trained part, decoded, is exactly the assistant's JSON (+ EOS)
+    assert json.loads(tokenizer.decode(reasoning + answer[:-1])) == {
+        "explanation": EXPLANATION,
+        "recommendations": RECS,
+    }
+
+
+def _rows(tokenizer, n: int = 6) -> list[dict]:
+    return [
+        encode_sample(
+            tokenizer, MESSAGES, EXPLANATION + " x" * k, RECS[:: 1 if k % 2 else -1], 0.25, 1.0
+        )
+        for k in range(n)
+    ]
+
+
+def test_trainer_loss_is_the_hand_computed_weighted_cross_entropy(tiny, tokenizer, tmp_path):
+    from trl import SFTConfig as TRLConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    batch = WeightedCollator(tokenizer.pad_token_id or 0)(_rows(tokenizer, 3))
+    trainer = weighted_sft_trainer_class()(
+        model=model,
+        args=TRLConfig(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            report_to=[],
+            dataset_kwargs={"skip_prepare_dataset": True},
+            max_length=None,
+        ),
+        train_dataset=__import__("datasets").Dataset.from_list(_rows(tokenizer, 3)),
+        data_collator=WeightedCollator(tokenizer.pad_token_id or 0),
+        processing_class=tokenizer,
+    )
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch)).item()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # by hand: sum over trained positions of w_t * -log p(x_t | x_<t), over the count of them
+    total, count = 0.0, 0
+    for b in range(batch["input_ids"].shape[0]):
+        for t in range(1, batch["input_ids"].shape[1]):
+            w = batch["weights"][b, t].item()
+            if w == 0:
+                continue
+            logp = torch.log_softmax(logits[b, t - 1].double(), -1)[batch["input_ids"][b, t]]
+            total += -w * logp.item()
+            count += 1
+    assert count > 0
+    assert loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_sft_resumes_from_its_checkpoint_after_a_crash(tiny, tokenizer, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    rows = _rows(tok, 8)
+    cfg = SFTConfig(
+        max_steps=4, batch_size=2, save_steps=2, logging_steps=1, lr=1e-3, num_threads=1
+    )
+    reference, ref_log = train_sft(tiny, rows, tmp_path / "ref", cfg, tok)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(tiny, rows, tmp_path / "run", cfg, tok, callbacks=(StopAfter(3),))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-2"
+    ]
+    resumed, log = train_sft(tiny, rows, tmp_path / "run", cfg, tok)
+    ref_loss = [r["loss"] for r in ref_log if "loss" in r]
+    run_loss = [r["loss"] for r in log if "loss" in r]
+    assert len(run_loss) == 4 and run_loss == pytest.approx(ref_loss, rel=1e-4)
+    final = resumed.state_dict()
+    for name, a in reference.state_dict().items():
+        assert torch.allclose(a, final[name], atol=1e-5), name
+
+
+def test_answers_are_scored_strictly():
+    items = pl.DataFrame(
+        {"item_id": ["a", "b", "c"], "title": ["A", "B", "C"], "year": [1990, 1991, 1992]}
+    )
+    sid = pl.DataFrame(
+        {
+            "item_id": ["a", "b", "c"],
+            "sid": [f"<|sid_begin|><s_a_{k}><|sid_end|>" for k in range(3)],
+        }
+    )
+    cat = Catalogue.build(items, sid)
+    slates = pl.DataFrame(
+        {"user_id": ["u"] * 4, "candidates": [["a", "b", "c"]] * 4, "target": ["b"] * 4}
+    )
+    s = cat.sid
+    texts = [
+        json.dumps({"explanation": "x", "recommendations": [s["b"], s["a"], s["c"]]}),
+        json.dumps({"explanation": "x", "recommendations": [s["a"], s["b"], s["c"]]}),
+        json.dumps({"explanation": "x", "recommendations": [s["a"], s["a"], s["c"]]}),
+        "not json",
+    ]
+    out = rerank_eval.score_answers(texts, slates, cat)
+    assert out["ranks"].tolist() == [1, 2, 0, 0]
+    assert out["invalid"].tolist() == [0, 0, 1, 1]
+    assert out["identity"].tolist() == [0, 1, 0, 0]
+    assert list(out["reasons"]) == ["accepted", "accepted", "duplicate", "broken_json"]
+    table = rerank_eval.reranker_table(
+        "m", "test", out["ranks"], {"invalid_rate": out["invalid"]}, 50, 0.95, 0
+    )
+    values = dict(zip(table["metric"], table["value"], strict=True))
+    assert values["recall@1"] == 0.25 and values["recall@5"] == 0.5
+    assert values["ndcg@5"] == pytest.approx((1 + 1 / np.log2(3)) / 4)
+    assert values["invalid_rate"] == 0.5
+
+
+def test_constrained_answer_is_a_permutation_of_the_slate(tiny, tmp_path):
+    from gr2_core.models import export_student
+    from gr2_core.prompts import check_answer
+    from gr2_core.semantic_ids.sidmap import encode_sid
+    from gr2_core.sft import constrained_answers
+
+    folder = export_student(tmp_path / "student", source=str(tiny), levels=2, sizes=[4, 4])
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    slate = [encode_sid([a, b]) for a, b in ((0, 1), (0, 2), (3, 1), (2, 2))]
+    prompt = [{"role": "user", "content": "Rank " + " ".join(slate)}]
+    free = ['{"explanation": "a \\"quoted\\" reason", "recommendations": [', "garbage"]
+    texts, seconds = constrained_answers(model, tok, [prompt, prompt], [slate, slate], free)
+    assert len(seconds) == 2
+    valid = frozenset(slate)
+    for text, explanation in zip(texts, ['a "quoted" reason', ""], strict=True):
+        verdict = check_answer(text, slate, valid)
+        assert verdict.accepted, (verdict.reason, text)
+        assert sorted(verdict.answer.recommendations) == sorted(slate)
+        assert verdict.answer.explanation == explanation

@@ -1,0 +1,263 @@
+"""Teacher traces: co-watching notes, jobs, shard files, and sampling against a real vLLM server.
+
+The server tests start vLLM's OpenAI-compatible server (the `make teacher-env` virtualenv) on
+127.0.0.1 with the packaged SmolLM2-135M-Instruct exported to safetensors, once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import gr2_core.traces as tr
+from gr2_core.midtrain import Catalogue
+from gr2_core.models import export_student
+from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env
+from gr2_core.teacher import OpenAITeacher, Retry
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def _sequences(rows: dict[str, list[str]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "user_id": list(rows),
+            "items": list(rows.values()),
+            "n": [len(v) for v in rows.values()],
+        }
+    )
+
+
+def test_cowatch_notes_count_training_users_and_exclude_the_user_itself():
+    # training part = items[:n-2]: u1 {a,b,c}, u2 {a,b,d}, u3 {b,c,d}
+    seqs = _sequences(
+        {
+            "u1": ["a", "b", "c", "v1", "t1"],
+            "u2": ["a", "b", "d", "v2", "t2"],
+            "u3": ["b", "c", "d", "v3", "t3"],
+        }
+    )
+    cw = tr.CoWatch(seqs)
+    notes = cw.notes("u1", ["a", "b"], ["c", "d", "zz"])
+    # c: watched by u1, u3 -> 1 other user; co-watches with a (u1 only -> 0 others) and b (u1, u3
+    # -> 1 other): 1
+    assert notes["c"] == "watched by 1 training users; 1 co-watches with the history shown"
+    # d: u2, u3; with a: u2 (1), with b: u2, u3 (2) -> 3; u1 never watched d
+    assert notes["d"] == "watched by 2 training users; 3 co-watches with the history shown"
+    assert notes["zz"] == "no training user watched it"
+    # the valid/test items never count
+    assert "v1" not in cw.index and "t3" not in cw.index
+
+
+def _slates() -> pl.DataFrame:
+    rows = []
+    for u in range(6):
+        for p in (3, 4, 5):
+            rows.append(
+                {
+                    "user_id": f"u{u}",
+                    "position": p,
+                    "split": "train" if p < 5 else "test",
+                    "history": [f"h{k}" for k in range(p)],
+                    "target": f"t{u}{p}",
+                    "candidates": [f"t{u}{p}", "x", "y"] if u != 0 else ["x", "y", "z"],
+                    "scores": [1.0, 0.5, 0.2],
+                    "target_rank": 1 if u != 0 else None,
+                }
+            )
+    return pl.DataFrame(rows)
+
+
+def test_select_jobs_takes_training_slates_with_their_target_one_per_user():
+    jobs = tr.select_jobs(_slates(), 10, 2, 0)
+    assert len(jobs) == 5  # u0's slates lack the target
+    assert len({j.user_id for j in jobs}) == 5
+    assert all(j.position == 4 and j.target in j.candidates for j in jobs)
+    assert all(j.history == ("h2", "h3") for j in jobs)
+    assert [j.job_id for j in tr.select_jobs(_slates(), 3, 2, 7)] == [
+        j.job_id for j in tr.select_jobs(_slates(), 3, 2, 7)
+    ]
+    shards = tr.split_shards(jobs, 2)
+    assert sorted(j.job_id for s in shards for j in s) == sorted(j.job_id for j in jobs)
+
+
+def test_attempt_file_drops_a_torn_last_line_and_names_a_corrupt_one(tmp_path):
+    rec = {
+        "job_id": "u1:4",
+        "attempt": 1,
+        "mode": "rejection",
+        "prompt_sha": "x",
+        "seed": 1,
+        "raw": "{}",
+        "finish_reason": "stop",
+        "accepted": False,
+        "reason": "schema",
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "seconds": 0.1,
+    }
+    path = tmp_path / "shard-000.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + json.dumps(rec)[:20])
+    assert len(tr.read_attempts(path)) == 1
+    path.write_text("garbage\n" + json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match=r"shard-000.jsonl, line 1"):
+        tr.read_attempts(path)
+
+
+# -- against a real vLLM server ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def teacher_model(tmp_path_factory) -> Path:
+    return export_student(tmp_path_factory.mktemp("teacher") / "model")
+
+
+def _server(model: Path, log: Path, port: int) -> ManagedServer:
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"{VLLM_PYTHON} missing: run `make teacher-env` (make test does)")
+    return ManagedServer(
+        vllm_command(str(VLLM_PYTHON), str(model), "teacher", port), port, log, vllm_env(2)
+    )
+
+
+@pytest.fixture(scope="module")
+def catalogue_jobs():
+    """Real MovieLens-100k titles; SIDs are made-up codes in the real SID format."""
+    from data_contracts.config import DataConfig
+    from gr2_core.data import read_items, resolve_sources
+
+    src = resolve_sources(DataConfig(dataset="ml-100k"))
+    items = read_items(src.items, src.category_sep, src.lenient_year).head(60)
+    sid = pl.DataFrame(
+        {
+            "item_id": items["item_id"],
+            "sid": [
+                f"<|sid_begin|><s_a_{k // 8}><s_b_{k % 8}><|sid_end|>" for k in range(items.height)
+            ],
+        }
+    )
+    cat = Catalogue.build(items, sid)
+    ids = items["item_id"].to_list()
+    jobs = [
+        tr.Job(f"u{u}:9", f"u{u}", 9, tuple(ids[10 * u : 10 * u + 4]), tuple(c), c[2])
+        for u, c in enumerate([ids[40 + k : 45 + k] for k in range(0, 12, 4)])
+    ]
+    return cat, jobs
+
+
+def _teacher(port: int, retries: int = 2) -> OpenAITeacher:
+    return OpenAITeacher(
+        f"http://127.0.0.1:{port}",
+        "teacher",
+        concurrency=3,
+        timeout_s=120,
+        retry=Retry(retries, 0.5, 2.0),
+        max_tokens=160,
+        stepwise=True,
+        explanation_chars=80,
+    )
+
+
+@pytest.mark.slow
+def test_rejection_run_writes_every_attempt_and_statistics(teacher_model, catalogue_jobs, tmp_path):
+    cat, jobs = catalogue_jobs
+    port = free_port()
+    with _server(teacher_model, tmp_path / "server.log", port):
+        path = tmp_path / "shard-000.jsonl"
+        result = tr.run_shard(
+            jobs, cat, _teacher(port), path, "rejection", 2, 2, True, None, seed=0
+        )
+    attempts = tr.attempts_table([path])
+    assert result.failed_requests == 0 and result.attempts == attempts.height
+    # every slate decided: accepted, or both attempts used
+    per_job = attempts.group_by("job_id").agg(pl.len(), pl.col("accepted").any())
+    assert per_job.height == len(jobs)
+    assert all(acc or n == 2 for _, n, acc in per_job.iter_rows())
+    # stepwise decoding: every answer is a permutation, so only the top-1 rule can reject
+    assert set(attempts["reason"]) <= {"accepted", "wrong_top1"}
+    stats, per_attempt = tr.filter_stats(attempts, len(jobs))
+    assert stats["attempts"] == attempts.height
+    assert per_attempt["attempts"].sum() == attempts.height
+    assert stats["accepted_slates"] == per_job["accepted"].sum()
+    traces = tr.accepted_traces(attempts, jobs, cat)
+    assert traces.height == stats["accepted_slates"]
+    for row in traces.iter_rows(named=True):
+        assert row["recommendations"][0] == cat.sid[row["target"]]
+
+
+def _kill_after_first_attempt(server: ManagedServer, path: Path, thread: threading.Thread):
+    deadline = time.monotonic() + 300
+    while not tr.read_attempts(path) and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    server.kill()  # a crash, after at least one attempt was written
+    return tr.read_attempts(path)
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_run_is_survived_and_resumed(teacher_model, catalogue_jobs, tmp_path):
+    cat, jobs = catalogue_jobs
+    port = free_port()
+    server = _server(teacher_model, tmp_path / "server.log", port).start()
+    results = {}
+
+    def shard(path: Path, retry: Retry, key: str) -> threading.Thread:
+        teacher = _teacher(port)
+        teacher.retry = retry
+
+        def work() -> None:  # targeted mode, up to 3 attempts per slate, 1 sample per request
+            results[key] = tr.run_shard(jobs, cat, teacher, path, "targeted", 3, 1, True, None, 0)
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        return thread
+
+    try:
+        # 1. killed and back within the retry budget: the requests in flight are retried
+        path = tmp_path / "retried.jsonl"
+        thread = shard(path, Retry(12, 1.0, 8.0), "retried")
+        _kill_after_first_attempt(server, path, thread)
+        server.start()
+        thread.join(600)
+        assert results["retried"].failed_requests == 0
+        done = tr.read_attempts(path)
+        assert {a.job_id for a in done if a.accepted or a.attempt == 3} == {j.job_id for j in jobs}
+
+        # 2. killed for longer than the retries: the shard stops, a rerun resumes
+        path = tmp_path / "resumed.jsonl"
+        thread = shard(path, Retry(1, 0.2, 0.5), "stopped")
+        before = _kill_after_first_attempt(server, path, thread)
+        thread.join(120)
+        before = tr.read_attempts(path)
+        assert before, "an attempt was written before the kill"
+        decided = {a.job_id for a in before if a.accepted or a.attempt == 3}
+        if decided != {j.job_id for j in jobs}:  # slates in flight failed after their retries
+            assert results["stopped"].failed_requests > 0
+        server.start()
+        second = tr.run_shard(jobs, cat, _teacher(port), path, "targeted", 3, 1, True, None, 0)
+    finally:
+        server.stop()
+    after = tr.read_attempts(path)
+    assert second.failed_requests == 0
+    assert after[: len(before)] == before, "nothing written before the kill is lost or changed"
+    keys = [(a.job_id, a.attempt) for a in after]
+    assert len(keys) == len(set(keys)), "no attempt is redone"
+    for job in jobs:
+        mine = sorted(a.attempt for a in after if a.job_id == job.job_id)
+        assert mine == list(range(1, len(mine) + 1))
+        assert any(a.accepted for a in after if a.job_id == job.job_id) or len(mine) == 3
+    accepted_before = {a.job_id for a in before if a.accepted}
+    assert accepted_before <= {a.job_id for a in after if a.accepted}
+    # an accepted slate gets no further attempt after the restart
+    last_before = {j: max(a.attempt for a in before if a.job_id == j) for j in accepted_before}
+    assert all(a.attempt <= last_before[a.job_id] for a in after if a.job_id in last_before)
+
+
+def test_the_api_key_is_sent_but_never_shown():
+    teacher = OpenAITeacher("http://127.0.0.1:9/v1", "m", api_key="sk-secret-123")
+    assert "sk-secret-123" not in repr(teacher)
+    assert teacher.base_url == "http://127.0.0.1:9/v1"
+    assert OpenAITeacher("http://h:1", "m").base_url == "http://h:1/v1"
