@@ -18,7 +18,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install teacher-env run test ui ui-stop lint bench bench-teacher clean
+.PHONY: install teacher-env run test ui ui-stop lint bench bench-teacher bench-rl clean
 
 $(BIN)/.installed: pyproject.toml requirements-data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ bench: install
 
 bench-teacher: install teacher-env .venv-llamacpp/.installed
 	$(BIN)/python benchmarks/teacher.py --throughput --acceptance --doc docs/benchmarks.md
+
+# DAPO step cost on this CPU (needs a finished `make run` for its SFT-rejection student)
+bench-rl: install
+	$(BIN)/python benchmarks/rl_step.py --steps 2 --max-rounds 0 --doc docs/benchmarks.md
 
 clean:
 	rm -rf var

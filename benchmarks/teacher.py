@@ -230,7 +230,7 @@ def main() -> None:
     p.add_argument("--throughput", action="store_true")
     p.add_argument("--acceptance", action="store_true")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--slates", type=int, default=24)
+    p.add_argument("--slates", type=int, default=12)
     p.add_argument("--llamacpp-python", default=str(ROOT / ".venv-llamacpp" / "bin" / "python"))
     p.add_argument("--doc")
     args = p.parse_args()
@@ -249,7 +249,9 @@ def main() -> None:
                 Path(args.doc),
                 "Teacher throughput on this CPU",
                 f"Command: `{command}` ({os.cpu_count()} cores; SmolLM2-135M-Instruct, demo "
-                f"teacher prompts, {args.max_tokens} new tokens per request).\n\n"
+                f"teacher prompts, {args.max_tokens} new tokens per request). vLLM batches "
+                "concurrent requests; llama.cpp's server decodes one at a time, so concurrency "
+                "only queues there (and each request's prompt is prefilled anew).\n\n"
                 + to_markdown(pl.DataFrame(rows)),
                 "Benchmarks",
             )

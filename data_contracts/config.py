@@ -366,6 +366,76 @@ class SFTConfig(StageConfig):
         return self
 
 
+# the SFT model each RL variant starts from
+RL_SFT_MODE = {"rejection": "rejection", "targeted": "targeted", "unconditional": "rejection"}
+
+
+class RLConfig(StageConfig):
+    """DAPO on the SFT reranker with the verifiable ranking reward (SPEC section 5).
+
+    Reward: R_rank + alpha * R_fmt, the format bonus paid only with an improvement (or a target
+    already first) when `conditional`; -1 for unrankable or truncated output. DAPO: clip-higher
+    (eps_low 0.2, eps_high 0.28 as the DAPO paper recommends), token-level loss, no KL,
+    overlong filtering and soft overlong punishment, dynamic sampling.
+    """
+
+    variants: list[Literal["rejection", "targeted", "unconditional"]] = Field(
+        default_factory=lambda: ["rejection", "targeted", "unconditional"],
+        description="RL runs: on SFT-rejection (GR2), on SFT-targeted, and on SFT-rejection with "
+        "the unconditional reward (the reward-hacking ablation). Empty: no RL.",
+    )
+    alpha: float = Field(0.2, ge=0, description="Weight of the format reward.")
+    slates: int = Field(400, ge=1, description="Training slates (target in the slate) used.")
+    group_size: int = Field(8, ge=2, description="Completions per prompt (the GRPO group).")
+    prompts_per_step: int = Field(2, ge=1, description="Groups per optimizer step.")
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Completions per forward/backward pass (gradients accumulate over the "
+        "step); None: one group. Must divide group_size * prompts_per_step.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (long prompts, low RAM)."
+    )
+    max_steps: int = Field(100, ge=1)
+    lr: float = Field(1e-6, gt=0, description="Paper scale: 5e-7 to 1e-6.")
+    warmup_steps: int = Field(0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    max_completion_length: int = Field(320, ge=16)
+    overlong_cache: int = Field(
+        64, ge=0, description="Soft overlong punishment window before the limit (0: off)."
+    )
+    mask_truncated: bool = Field(True, description="Overlong filtering: no loss on cut outputs.")
+    epsilon_low: float = Field(0.2, gt=0)
+    epsilon_high: float = Field(0.28, gt=0, description="Clip-higher; DAPO recommends 0.28.")
+    dynamic_sampling: bool = True
+    max_sampling_rounds: int = Field(
+        4, ge=0, description="Extra generation rounds per batch to replace zero-variance groups."
+    )
+    save_steps: int = Field(10, ge=1, description="Checkpoint interval (resume point).")
+    num_threads: int = Field(2, ge=1)
+    seed: int = 0
+
+    # which runs the flow makes, not what each run produces
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"num_threads", "variants"})
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.group_size
+
+    @model_validator(mode="after")
+    def _check(self) -> RLConfig:
+        total = self.group_size * self.prompts_per_step
+        if total % self.micro_batch:
+            raise ValueError(
+                f"rl.micro_batch_size ({self.micro_batch}) must divide group_size x "
+                f"prompts_per_step ({total})"
+            )
+        if self.epsilon_high < self.epsilon_low:
+            raise ValueError("rl.epsilon_high must be >= rl.epsilon_low (clip-higher)")
+        return self
+
+
 class EvalConfig(StageConfig):
     """Ranking metrics and their bootstrap confidence intervals (SPEC section 6)."""
 
@@ -401,8 +471,20 @@ class PipelineConfig(StageConfig):
     midtrain: MidtrainConfig = MidtrainConfig()
     teacher: TeacherConfig = TeacherConfig()
     sft: SFTConfig = SFTConfig()
+    rl: RLConfig = RLConfig()
     evaluation: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _rl_needs_its_sft(self) -> PipelineConfig:
+        missing = sorted({RL_SFT_MODE[v] for v in self.rl.variants} - set(self.teacher.modes))
+        if missing:
+            raise ValueError(
+                f"rl.variants {self.rl.variants} start from SFT on {missing} traces, but "
+                f"teacher.modes is {self.teacher.modes}: add {missing} to teacher.modes or "
+                "remove those RL variants"
+            )
+        return self
 
 
 def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> PipelineConfig:

@@ -71,9 +71,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         replace_section(Path(args.midtrain_doc), heading, f"{note}\n\n{body}", "Benchmarks")
         print(f"Wrote section '{heading}' of {args.midtrain_doc}")
-    if result.get("sft_report"):
+    if result.get("reranker_report"):
         summary = traces_summary(result.get("traces", {}))
-        print(f"Teacher traces:\n{summary}\n\nSFT rerankers:\n{result['sft_report']}")
+        print(f"Teacher traces:\n{summary}\n\nRerankers:\n{result['reranker_report']}")
         if args.sft_doc:
             from gr2_core.report import replace_section
 
@@ -86,14 +86,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             timed = ", ".join(
                 f"{s} {v:.0f} s"
                 for s, v in secs.items()
-                if v is not None and (s == "traces" or s.startswith("sft"))
+                if v is not None and (s == "traces" or s.startswith(("sft", "rl")))
             )
             body = (
                 f"Command: `{command}` (stage wall time on {os.cpu_count()} cores: {timed}).\n\n"
                 f"Teacher acceptance (a slate is accepted when one attempt passes the filter with "
-                f"the target first):\n\n{summary}\n\nSFT rerankers on conditional slates, value "
+                f"the target first):\n\n{summary}\n\nRerankers on conditional slates, value "
                 f"[95% bootstrap CI]; invalid answers count as misses; seconds = generation time "
-                f"per slate:\n\n{result['sft_report']}\n"
+                f"per slate:\n\n{result['reranker_report']}\n"
             )
             replace_section(Path(args.sft_doc), heading, body, "Benchmarks")
             print(f"Wrote section '{heading}' of {args.sft_doc}")

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from prefect import flow
 
-from data_contracts.config import PipelineConfig, load_profile
+from data_contracts.config import RL_SFT_MODE, PipelineConfig, load_profile
 from tasks.data import load_data
 from tasks.evaluate import evaluate_baselines, publish
 from tasks.midtrain import evaluate_midtrain, midtrain, provision_student
 from tasks.preranker import generate_candidates, train_preranker
+from tasks.reranker_eval import evaluate_reranker
+from tasks.rl import rl
 from tasks.semantic_ids import build_semantic_ids, embed_items
 from tasks.setup import start_tracking
-from tasks.sft import evaluate_sft, sft
+from tasks.sft import sft
 from tasks.split import split_sequences
 from tasks.traces import generate_traces
 from tasks.tracking import fail_parent_hook
@@ -29,7 +31,8 @@ DEMO = load_profile("demo")  # the form's defaults in the Prefect UI
 @flow(name=FLOW_NAME, on_failure=[fail_parent_hook], on_crashed=[fail_parent_hook])
 def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
     """Data, split, pre-ranker, slates, baselines, item embeddings, semantic IDs, student,
-    SID mid-training and its evaluation, teacher traces, SFT per trace mode and its evaluation."""
+    SID mid-training and its evaluation, teacher traces, SFT per trace mode and its evaluation,
+    DAPO per RL variant and its evaluation."""
     tracking = start_tracking(config, FLOW_NAME)
     data = load_data(config, tracking)
     split = split_sequences(config, data, tracking)
@@ -50,12 +53,16 @@ def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
     if modes:
         traces = generate_traces(config, data, split, semantic_ids, candidates, tracking)
         stages.append(traces)
+    slates = (data, split, semantic_ids, candidates)  # what a reranker is trained/evaluated on
+    tuned = {}
     for mode in modes:
-        tuned = sft(config, mode, data, split, semantic_ids, traces, midtrained, tracking)
-        stages += [
-            tuned,
-            evaluate_sft(config, mode, data, split, semantic_ids, candidates, tuned, tracking),
-        ]
+        tuned[mode] = sft(config, mode, data, split, semantic_ids, traces, midtrained, tracking)
+        scored = evaluate_reranker(config, f"sft_eval_{mode}", *slates, tuned[mode], tracking)
+        stages += [tuned[mode], scored]
+    for variant in config.rl.variants:  # each starts from its SFT model (checked by the config)
+        policy = rl(config, variant, *slates, tuned[RL_SFT_MODE[variant]], tracking)
+        scored = evaluate_reranker(config, f"rl_eval_{variant}", *slates, policy, tracking)
+        stages += [policy, scored]
     return publish(config, tracking, stages)
 
 

@@ -67,3 +67,27 @@ def midtrain_curves(log_history: list[dict], warmup_steps: int, path: Path) -> p
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return fig
+
+
+RL_PANELS = (
+    ("rewards/rerank/mean", "reward R"),
+    ("monitor/identity_rate", "identity-permutation rate"),
+    ("monitor/ndcg_at_5", "rollout NDCG@5"),
+    ("monitor/invalid_rate", "invalid-output rate"),
+)
+
+
+def rl_curves(runs: dict[str, list[dict]], path: Path) -> plt.Figure:
+    """Per training step, one line per run: the reward, the identity-permutation rate (the
+    reward-hacking monitor), rollout NDCG@5 and the invalid-output rate (TRL log histories)."""
+    fig, axes = plt.subplots(1, len(RL_PANELS), figsize=(4 * len(RL_PANELS), 3.2))
+    for ax, (key, title) in zip(axes, RL_PANELS, strict=True):
+        for name, history in runs.items():
+            rows = [r for r in history if key in r and "step" in r]
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return fig

@@ -137,15 +137,11 @@ def train_sft(
     `cfg`: an `SFTConfig`. Returns (model, log history).
     """
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig as TRLConfig
 
-    torch.set_num_threads(cfg.num_threads)
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if cuda else torch.float32
-    )
+    from gr2_core.training import common_args, load_trainable, resume_point
+
+    model = load_trainable(model_dir, cfg.num_threads)
     ckpt = out_dir / "checkpoints"
     args = TRLConfig(
         output_dir=str(ckpt),
@@ -157,20 +153,10 @@ def train_sft(
         lr_scheduler_type="cosine",
         warmup_steps=cfg.lr_warmup_ratio,  # < 1: a fraction of the steps
         logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        report_to=list(report_to),
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=not cuda,
-        bf16=cuda,
         gradient_checkpointing=False,
-        remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
+        **common_args(cfg.seed, cfg.save_steps, report_to),
     )
     trainer = weighted_sft_trainer_class()(
         model=model,
@@ -180,8 +166,7 @@ def train_sft(
         processing_class=tok,
         callbacks=list(callbacks),
     )
-    resume = get_last_checkpoint(str(ckpt)) if ckpt.exists() else None
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume_point(ckpt))
     return model, trainer.state.log_history
 
 

@@ -160,6 +160,37 @@ def use_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def load_trainable(model_dir, num_threads: int) -> PreTrainedModel:
+    """The model to train: bf16 on a GPU, float32 on CPU (with `num_threads` torch threads)."""
+    torch.set_num_threads(num_threads)
+    dtype = torch.bfloat16 if use_cuda() else torch.float32
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+def common_args(seed: int, save_steps: int, report_to: Sequence[str]) -> dict:
+    """The TrainingArguments every GR2 trainer shares: a checkpoint every `save_steps` (two
+    kept: the resume points), bf16 on a GPU and float32 on CPU, seeds, reporting, no workers."""
+    cuda = use_cuda()
+    return dict(
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=2,
+        report_to=list(report_to),
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not cuda,
+        bf16=cuda,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+
+
+def resume_point(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint under `ckpt_dir`, or None for a fresh start."""
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+
+
 def train(
     model_dir: Path,
     train_rows: pl.DataFrame,
@@ -172,11 +203,7 @@ def train(
 ) -> tuple[PreTrainedModel, list[dict]]:
     """Train (resuming from the newest checkpoint in `out_dir/checkpoints`); returns the model
     and the Trainer's log history."""
-    torch.set_num_threads(settings.num_threads)
-    cuda = use_cuda()
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if cuda else torch.float32
-    )
+    model = load_trainable(model_dir, settings.num_threads)
     ckpt_dir = out_dir / "checkpoints"
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
@@ -189,20 +216,10 @@ def train(
         lr_scheduler_type="cosine",
         warmup_steps=int(settings.lr_warmup_ratio * settings.max_steps),
         logging_steps=settings.logging_steps,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=2,
         eval_strategy="steps" if eval_rows else "no",
         eval_steps=settings.eval_steps,
-        report_to=list(settings.report_to),
-        seed=settings.seed,
-        data_seed=settings.seed,
-        use_cpu=not cuda,
-        bf16=cuda,
         train_sampling_strategy="group_by_length",  # less padding per batch
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=False,
+        **common_args(settings.seed, settings.save_steps, settings.report_to),
     )
     warmup = TokenWarmup(model, first_new_token, settings.warmup_steps)
     trainer = WarmupTrainer(
@@ -215,6 +232,5 @@ def train(
         data_collator=PadCollator(pad_id),
         callbacks=[warmup, *callbacks],
     )
-    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume_point(ckpt_dir))
     return model, trainer.state.log_history

@@ -83,27 +83,27 @@ def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) 
             description=f"Student next-item retrieval (constrained beam search) vs the pre-ranker "
             f"on {config.data.dataset} ({config.profile}): value [95% CI]",
         )
-    sft_evals = [m for m in stages if m.stage.startswith("sft_eval_")]
-    sft_report = ""
-    if sft_evals:
+    reranker_evals = [m for m in stages if m.stage.startswith(("sft_eval_", "rl_eval_"))]
+    reranker_report = ""
+    if reranker_evals:
         import polars as pl
 
         from gr2_core.rerank_eval import METRICS
 
-        table = pl.concat([read(m, "metrics") for m in sft_evals]).unique(
+        table = pl.concat([read(m, "metrics") for m in reranker_evals]).unique(
             ["method", "split", "metric"], keep="first", maintain_order=True
         )
         wide = format_table(table, METRICS).sort("split", "method", descending=[True, False])
-        sft_report = to_markdown(wide)
+        reranker_report = to_markdown(wide)
         create_table_artifact(
             wide.to_dicts(),
-            key="gr2-sft",
-            description=f"SFT rerankers vs the pre-ranker on conditional slates, "
+            key="gr2-rerankers",
+            description=f"SFT and RL rerankers vs the pre-ranker on conditional slates, "
             f"{config.data.dataset} ({config.profile}): value [95% CI]",
         )
     traces = next((m for m in stages if m.stage == "traces"), None)
     return {
-        "sft_report": sft_report,
+        "reranker_report": reranker_report,
         "traces": {k: v for k, v in (traces.metrics if traces else {}).items() if "/" in k},
         "report": baselines.path("report").read_text(),
         "midtrain_report": midtrain_eval.path("report").read_text() if midtrain_eval else "",

@@ -36,6 +36,7 @@ def ci_config(tmp_path: Path):
             "data.max_users": 120,
             "evaluation.bootstrap_samples": 50,
             "teacher.modes": [],  # tests that need the teacher switch it on
+            "rl.variants": [],
         },
     )
 

@@ -18,7 +18,7 @@ from tests.conftest import write_csv
 pytestmark = pytest.mark.slow
 STAGES = ["data", "split", "preranker", "candidates", "baselines", "embeddings", "semantic_ids"]
 STAGES += ["student", "midtrain", "midtrain_eval"]
-TEACHER_STAGES = ["traces", "sft_targeted", "sft_eval_targeted"]
+TEACHER_STAGES = ["traces", "sft_targeted", "sft_eval_targeted", "rl_targeted", "rl_eval_targeted"]
 
 
 def _run(config: PipelineConfig):
@@ -39,8 +39,12 @@ def _complete_dirs(root: Path, stage: str) -> list[Path]:
 
 def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci_config):
     # the full pipeline, with the pipeline's own vLLM teacher server (targeted traces only)
+    # and DAPO from the SFT-targeted student
     ci_config = ci_config.model_copy(
-        update={"teacher": ci_config.teacher.model_copy(update={"modes": ["targeted"]})}
+        update={
+            "teacher": ci_config.teacher.model_copy(update={"modes": ["targeted"]}),
+            "rl": ci_config.rl.model_copy(update={"variants": ["targeted"]}),
+        }
     )
     state, flow_run_id, states = _run(ci_config)
     assert state.is_completed(), state.message
@@ -104,7 +108,16 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     sft_eval = by_stage["sft_eval_targeted"].data.metrics
     assert 0 <= sft_eval["sft_eval_targeted/test/sft-targeted.invalid_rate"] <= 1
     assert sft_eval["sft_eval_targeted/test/preranker.identity_rate"] == 1
-    assert "| sft-targeted |" in result["sft_report"]
+    assert "| sft-targeted |" in result["reranker_report"]
+    # DAPO: TRL's metrics and our monitors reached the stage run; rollouts and curves logged
+    rl_run = by_stage["rl_targeted"]
+    for key in ("reward", "monitor/identity_rate", "dynamic/zero_std_before"):
+        assert len(client.get_metric_history(rl_run.info.run_id, key)) == ci_config.rl.max_steps
+    assert {"completions.jsonl", "curves.png"} <= {
+        a.path for a in client.list_artifacts(rl_run.info.run_id)
+    }
+    rl_eval = by_stage["rl_eval_targeted"].data.metrics
+    assert 0 <= rl_eval["rl_eval_targeted/test/rl-targeted.invalid_rate"] <= 1
 
     # same config again: every stage is a cache hit (no server is started)
     state2, _, states2 = _run(ci_config)
@@ -116,6 +129,7 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
         update={
             "preranker": ci_config.preranker.model_copy(update={"epochs": 1}),
             "teacher": ci_config.teacher.model_copy(update={"modes": []}),
+            "rl": ci_config.rl.model_copy(update={"variants": []}),
         }
     )
     state3, _, states3 = _run(changed)

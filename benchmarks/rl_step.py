@@ -1,0 +1,139 @@
+"""Cost of DAPO steps on this machine: the demo's SFT-rejection student, the demo's RL settings.
+
+Runs `--steps` DAPO steps (conditional reward, dynamic sampling on) from the newest completed
+`sft_rejection` stage under `var/artifacts` (run `make run` first), on the demo's training slates,
+and reports per step: wall time, rollouts generated (dynamic sampling's extra rounds included),
+reward, invalid and identity rates, and the share of zero-variance groups. The checkpoints go to
+a scratch folder under var/; the results to a docs/benchmarks.md section with this command.
+
+  python benchmarks/rl_step.py --steps 2 --max-rounds 0 --doc docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from teacher import demo_inputs, latest  # noqa: E402
+from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
+
+from data_contracts.config import load_profile  # noqa: E402
+from gr2_core import prompts, traces  # noqa: E402
+from gr2_core.report import replace_section, to_markdown  # noqa: E402
+from gr2_core.rerank_eval import eval_slates  # noqa: E402
+from gr2_core.rl import train_dapo  # noqa: E402
+
+
+class StepClock(TrainerCallback):
+    """Wall time of each optimizer step (generation and dynamic sampling included)."""
+
+    def __init__(self):
+        self.start, self.times = None, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--artifacts", default=str(ROOT / "var" / "artifacts"))
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument(
+        "--max-rounds", type=int, default=0, help="dynamic sampling's extra rounds (demo: 4)"
+    )
+    p.add_argument("--doc")
+    p.add_argument(
+        "--export",
+        help="write the training rows (JSONL) and the student's config and tokenizer to this "
+        "folder, then stop (inputs for benchmarks/rl_gpu.py on a machine without var/)",
+    )
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = load_profile("demo")
+    cfg = config.rl.model_copy(
+        update={"max_steps": args.steps, "save_steps": 1000, "max_sampling_rounds": args.max_rounds}
+    )
+    root = Path(args.artifacts)
+    sft = latest(root, "sft_rejection")
+    cat, slates, sequences = demo_inputs(root)
+    cowatch = traces.CoWatch(sequences)
+    t = config.teacher
+    rows = []
+    for k, r in enumerate(eval_slates(slates, "train", cfg.slates, cfg.seed).iter_rows(named=True)):
+        history = r["history"][-t.history_items :]
+        notes = cowatch.notes(r["user_id"], history, r["candidates"])
+        rows.append(
+            {
+                "prompt": prompts.build_messages(
+                    history, r["candidates"], cat, t.knowledge, notes if t.cowatch_notes else None
+                ),
+                "slate": [cat.sid[c] for c in r["candidates"]],
+                "target": cat.sid[r["target"]],
+                "prompt_index": k,
+            }
+        )
+    tok = AutoTokenizer.from_pretrained(sft.path("model"))
+    if args.export:
+        folder = Path(args.export)
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / "rows.jsonl").open("w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        tok.save_pretrained(folder / "student")
+        shutil.copy(sft.path("model") / "config.json", folder / "student" / "config.json")
+        print(f"wrote {len(rows)} rows and the student's config/tokenizer to {folder}")
+        return
+    out = ROOT / "var" / "bench-rl"
+    shutil.rmtree(out, ignore_errors=True)
+    clock = StepClock()
+    trainer, history = train_dapo(
+        sft.path("model"), rows, out, cfg, tok, frozenset(cat.sid.values()), callbacks=(clock,)
+    )
+    logged = [r for r in history if "monitor/identity_rate" in r]
+    table = []
+    for step, (r, secs) in enumerate(zip(logged, clock.times, strict=False), start=1):
+        stats = trainer.dynamic_history[step - 1] if step <= len(trainer.dynamic_history) else {}
+        row = {
+            "step": step,
+            "seconds": round(secs, 1),
+            "generation rounds": 1 + stats.get("extra_rounds", 0),
+            "rollouts": (1 + stats.get("extra_rounds", 0)) * cfg.group_size * cfg.prompts_per_step,
+            "reward": round(r["reward"], 3),
+            "invalid rate": round(r["monitor/invalid_rate"], 3),
+            "identity rate": round(r["monitor/identity_rate"], 3),
+            "zero-variance groups before": round(stats.get("zero_std_before", 0.0), 2),
+            "after": round(stats.get("zero_std_after", 0.0), 2),
+            "mean completion tokens": round(r.get("completions/mean_length", 0.0)),
+        }
+        print(json.dumps(row), flush=True)
+        table.append(row)
+    if args.doc:
+        command = "python " + " ".join(sys.argv)
+        replace_section(
+            Path(args.doc),
+            "DAPO step cost on this CPU",
+            f"Command: `{command}` ({os.cpu_count()} cores; demo SFT-rejection student, "
+            f"{cfg.prompts_per_step} groups of {cfg.group_size} rollouts of up to "
+            f"{cfg.max_completion_length} tokens per step, dynamic sampling up to "
+            f"{cfg.max_sampling_rounds} extra rounds, HF `generate` rollouts).\n\n"
+            + to_markdown(pl.DataFrame(table)),
+            "Benchmarks",
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""DAPO on TRL's GRPOTrainer, with the dynamic sampling TRL lacks (SPEC section 5).
+
+What TRL already provides and we only configure (`dapo_args`):
+  - clip-higher: `epsilon` 0.2 (eps_low) and `epsilon_high` 0.28 (DAPO, arXiv 2503.14476);
+  - token-level policy loss normalised over all tokens of the batch: `loss_type="dapo"`;
+  - no KL term: `beta=0`;
+  - overlong filtering: `mask_truncated_completions=True` (a completion cut at the length limit
+    gets no gradient) and soft overlong punishment, TRL's `get_soft_overlong_punishment` reward
+    (a linear penalty over the last `overlong_cache` tokens before the limit).
+
+What we add (`dapo_trainer_class`): dynamic sampling. A group whose rewards are all equal has
+zero advantage everywhere and teaches nothing, but it still dilutes the token-level average.
+After each generation round, groups with zero reward variance are dropped and fresh prompts are
+drawn from the training set and rolled out, up to `max_rounds` extra rounds, until the
+generation batch holds as many informative groups as it had groups. If the rounds run out, the
+batch is completed with dropped groups (zero advantage: they only count in the normalisation),
+and that shortfall is logged. The extension lives in one override of
+`_generate_and_score_completions`: the parent does the generation, scoring and advantages for
+every round, this class only selects and concatenates groups.
+
+Monitors, logged with TRL's metrics every step (and so to MLflow when `report_to` has it):
+each reward component (`rewards/<name>/mean`), `dynamic/zero_std_before` and `/after`,
+`dynamic/extra_rounds`, `dynamic/shortfall_groups`, the rollouts' `monitor/identity_rate`,
+`invalid_rate`, `truncated_rate`, `ndcg@5`, and TRL's `completions/mean_length`. Every rollout
+is appended to `completions.jsonl` in the output folder (step, prompt index, completion,
+reward, reason) so samples can be read or attached as an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from gr2_core.rewards import FormatReward, RankReward, RerankReward, monitor
+
+
+def rollout_ndcg5(output_rank: int) -> float:
+    """NDCG@5 of one rollout with one relevant item: 1/log2(1 + r_o) if 1 <= r_o <= 5, else 0.
+
+    >>> rollout_ndcg5(1), rollout_ndcg5(6), rollout_ndcg5(0)
+    (1.0, 0.0, 0.0)
+    """
+    return 1.0 / math.log2(1 + output_rank) if 1 <= output_rank <= 5 else 0.0
+
+
+def _pad_cat(tensors: list[torch.Tensor], value, left: bool) -> torch.Tensor:
+    """Concatenate (B_i, T_i) tensors along the batch, padding the time axis to the widest."""
+    width = max(t.shape[1] for t in tensors)
+    out = []
+    for t in tensors:
+        gap = width - t.shape[1]
+        if gap:
+            fill = t.new_full((t.shape[0], gap), value)
+            t = torch.cat([fill, t] if left else [t, fill], dim=1)
+        out.append(t)
+    return torch.cat(out)
+
+
+# keys of the parent's output that this class knows how to select and concatenate
+_PROMPT_KEYS = {"prompt_ids": "pad", "prompt_mask": 0}
+_COMPLETION_KEYS = {
+    "completion_ids": "pad",
+    "completion_mask": 0,
+    "old_per_token_logps": 0.0,
+    "sampling_per_token_logps": 0.0,
+    "ref_per_token_logps": 0.0,
+    "importance_sampling_ratio": 1.0,
+    "tool_mask": 1,
+}
+
+
+def select_groups(outputs: list[dict], picks: list[tuple[int, int]], group: int, pad_id: int):
+    """One batch dict made of the chosen groups: `picks` = (output index, group index) pairs."""
+    merged: dict = {}
+    for key in outputs[0]:
+        if key == "num_items_in_batch":
+            continue
+        parts = []
+        for o, g in picks:
+            value = outputs[o][key]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"dynamic sampling cannot merge the non-tensor field {key!r}")
+            parts.append(value[g * group : (g + 1) * group])
+        if key == "advantages" or parts[0].dim() == 1:
+            merged[key] = torch.cat(parts)
+        elif key in _PROMPT_KEYS:
+            fill = pad_id if _PROMPT_KEYS[key] == "pad" else _PROMPT_KEYS[key]
+            merged[key] = _pad_cat(parts, fill, left=True)
+        elif key in _COMPLETION_KEYS:
+            fill = pad_id if _COMPLETION_KEYS[key] == "pad" else _COMPLETION_KEYS[key]
+            merged[key] = _pad_cat(parts, fill, left=False)
+        else:
+            raise TypeError(f"dynamic sampling cannot merge the field {key!r} (multimodal input?)")
+    mask = merged["completion_mask"]
+    if "tool_mask" in merged:
+        mask = mask * merged["tool_mask"]
+    merged["num_items_in_batch"] = mask.sum()
+    return merged
+
+
+def dapo_trainer_class():
+    """GRPOTrainer with dynamic sampling and the reranking monitors (TRL imported lazily)."""
+    from trl import GRPOTrainer
+
+    class DAPOTrainer(GRPOTrainer):
+        """TRL's GRPOTrainer plus DAPO's dynamic sampling; see the module docstring.
+
+        Extra arguments: `dynamic_sampling` (bool), `max_rounds` (extra generation rounds per
+        batch), `monitor_reward` (a `RerankReward` whose judgements feed the monitors),
+        `rollout_log` (path of the JSONL of rollouts; None: none written).
+        """
+
+        def __init__(
+            self,
+            *args,
+            dynamic_sampling: bool = True,
+            max_rounds: int = 4,
+            monitor_reward: RerankReward | None = None,
+            rollout_log: str | Path | None = None,
+            **kwargs,
+        ):
+            super().__init__(*args, **kwargs)
+            if dynamic_sampling and self.accelerator.num_processes > 1:
+                raise NotImplementedError(
+                    "dynamic sampling selects whole groups on one process; run DAPO on one "
+                    "process per node or set rl.dynamic_sampling=false"
+                )
+            self.dynamic_sampling = dynamic_sampling
+            self.max_rounds = max_rounds
+            self.monitor_reward = monitor_reward
+            self.rollout_log = Path(rollout_log) if rollout_log else None
+            self.dynamic_history: list[dict] = []
+            self._round_rewards: torch.Tensor | None = None
+
+        # -- rewards of the round, kept for the group selection -------------------------------
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            weights = self.reward_weights.to(per_func.device)
+            self._round_rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)
+            self._record(inputs, completions, completion_ids_list, self._round_rewards)
+            return per_func
+
+        def _record(self, inputs, completions, completion_ids_list, rewards) -> None:
+            if self.monitor_reward is None or not self.model.training:
+                return
+            slates = [x["slate"] for x in inputs]
+            targets = [x["target"] for x in inputs]
+            judged = self.monitor_reward.judgements(
+                completions, slates, targets, completion_ids_list
+            )
+            for name, value in monitor(judged).items():
+                self._metrics["train"][f"monitor/{name}"].append(value)
+            ndcg = [rollout_ndcg5(j.output_rank) for j in judged]
+            self._metrics["train"]["monitor/ndcg_at_5"].append(sum(ndcg) / max(len(ndcg), 1))
+            if self.rollout_log is not None:
+                self.rollout_log.parent.mkdir(parents=True, exist_ok=True)
+                with self.rollout_log.open("a", encoding="utf-8") as f:
+                    for x, c, r, j in zip(
+                        inputs, completions, rewards.tolist(), judged, strict=True
+                    ):
+                        text = c if isinstance(c, str) else c[-1]["content"]
+                        row = {
+                            "step": self.state.global_step,
+                            "prompt": x.get("prompt_index"),
+                            "completion": text,
+                            "reward": r,
+                            "reason": j.reason,
+                            "identity": j.identity,
+                        }
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+        # -- dynamic sampling -----------------------------------------------------------------
+        def _informative(self, rewards: torch.Tensor) -> torch.Tensor:
+            """Per group: True if its rewards are not all equal."""
+            grouped = rewards.view(-1, self.num_generations)
+            spread = grouped.max(dim=1).values - grouped.min(dim=1).values
+            return spread > 1e-6
+
+        def _draw(self, groups: int, round_: int) -> list[dict]:
+            """`groups` fresh prompts from the training set, each repeated for its group."""
+            gen = torch.Generator().manual_seed(
+                self.args.seed * 1_000_003 + self.state.global_step * 101 + round_
+            )
+            idx = torch.randint(len(self.train_dataset), (groups,), generator=gen).tolist()
+            return [dict(self.train_dataset[i]) for i in idx for _ in range(self.num_generations)]
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            if not (self.dynamic_sampling and self.model.training):
+                return out
+            g = self.num_generations
+            need = len(inputs) // g
+            outputs = [out]
+            keep = self._informative(self._round_rewards)
+            before = 1.0 - keep.float().mean().item()
+            picks = [(0, i) for i in range(need) if keep[i]]
+            spare = [(0, i) for i in range(need) if not keep[i]]
+            rounds = 0
+            while len(picks) < need and rounds < self.max_rounds:
+                rounds += 1
+                extra = super()._generate_and_score_completions(self._draw(need, rounds))
+                outputs.append(extra)
+                ok = self._informative(self._round_rewards)
+                picks += [(rounds, i) for i in range(need) if ok[i]]
+                spare += [(rounds, i) for i in range(need) if not ok[i]]
+            shortfall = max(need - len(picks), 0)
+            picks = (picks + spare[:shortfall])[:need]
+            merged = select_groups(outputs, picks, g, self._tokenizer.pad_token_id)
+            after = shortfall / need
+            stats = {
+                "step": self.state.global_step,
+                "zero_std_before": before,
+                "zero_std_after": after,
+                "extra_rounds": rounds,
+                "shortfall_groups": shortfall,
+            }
+            self.dynamic_history.append(stats)
+            for k in ("zero_std_before", "zero_std_after", "extra_rounds", "shortfall_groups"):
+                self._metrics["train"][f"dynamic/{k}"].append(float(stats[k]))
+            return merged
+
+    return DAPOTrainer
+
+
+def reward_functions(
+    known_sids: frozenset[str],
+    eos_token_ids: tuple[int, ...],
+    conditional: bool,
+    alpha: float,
+    max_completion_length: int,
+    overlong_cache: int,
+) -> tuple[list, list[float]]:
+    """The reward functions and their weights: the training reward R (weight 1), soft overlong
+    punishment (weight 1, when `overlong_cache` > 0), and R_rank and R_fmt logged at weight 0."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    main = RerankReward(known_sids, eos_token_ids, alpha=alpha, conditional=conditional)
+    funcs: list = [main]
+    weights = [1.0]
+    if overlong_cache > 0:
+        overlong = get_soft_overlong_punishment(max_completion_length, overlong_cache)
+        overlong.__name__ = "soft_overlong"
+        funcs.append(overlong)
+        weights.append(1.0)
+    funcs += [RankReward(known_sids, eos_token_ids), FormatReward(known_sids, eos_token_ids)]
+    weights += [0.0, 0.0]
+    return funcs, weights
+
+
+def dapo_args(cfg, output_dir: Path, report_to: tuple[str, ...] = ()):
+    """TRL's GRPOConfig for DAPO from an `RLConfig`."""
+    from trl import GRPOConfig
+
+    from gr2_core.training import common_args
+
+    accumulation = cfg.group_size * cfg.prompts_per_step // cfg.micro_batch
+    return GRPOConfig(
+        output_dir=str(output_dir),
+        loss_type="dapo",
+        epsilon=cfg.epsilon_low,
+        epsilon_high=cfg.epsilon_high,
+        beta=0.0,
+        mask_truncated_completions=cfg.mask_truncated,
+        scale_rewards="group",
+        num_generations=cfg.group_size,
+        # one generation batch of prompts_per_step groups per optimizer step, trained in
+        # micro-batches whose gradients accumulate (on-policy: no importance ratio needed)
+        per_device_train_batch_size=cfg.micro_batch,
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=accumulation,
+        num_iterations=1,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=1.0,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps,
+        logging_steps=1,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        shuffle_dataset=True,
+        **common_args(cfg.seed, cfg.save_steps, report_to),
+        log_completions=False,
+    )
+
+
+def train_dapo(
+    model_dir,
+    rows: list[dict],
+    out_dir: Path,
+    cfg,
+    tok,
+    known_sids: frozenset[str],
+    conditional: bool = True,
+    report_to: tuple[str, ...] = (),
+    callbacks: tuple = (),
+    extra_rewards: tuple = (),
+):
+    """DAPO from `model_dir` on `rows` (prompt, slate, target, prompt_index) with the
+    conditional (GR2) or unconditional reward, resuming from the newest checkpoint in
+    `out_dir/checkpoints`. Returns (trainer, log history)."""
+    from datasets import Dataset
+
+    from gr2_core.training import load_trainable, resume_point
+
+    model = load_trainable(model_dir, cfg.num_threads)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    eos = eos_token_ids(tok, model)
+    funcs, weights = reward_functions(
+        known_sids,
+        eos,
+        conditional,
+        cfg.alpha,
+        cfg.max_completion_length,
+        cfg.overlong_cache,
+    )
+    funcs += list(extra_rewards)
+    weights += [1.0] * len(extra_rewards)
+    args = dapo_args(cfg, out_dir / "checkpoints", report_to)
+    args.reward_weights = weights
+    ckpt = out_dir / "checkpoints"
+    trainer = dapo_trainer_class()(
+        model=model,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=list(callbacks),
+        dynamic_sampling=cfg.dynamic_sampling,
+        max_rounds=cfg.max_sampling_rounds,
+        monitor_reward=funcs[0],
+        rollout_log=out_dir / "completions.jsonl",
+    )
+    resume = resume_point(ckpt)
+    if resume:  # rollouts after the checkpoint are generated again: drop their old records
+        trim_rollouts(out_dir / "completions.jsonl", int(resume.rsplit("-", 1)[-1]))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, trainer.state.log_history
+
+
+def eos_token_ids(tok, model) -> tuple[int, ...]:
+    """Token ids that end a completion: the tokenizer's EOS and the generation config's."""
+    ids = {tok.eos_token_id}
+    gen = model.generation_config.eos_token_id
+    ids |= {gen} if isinstance(gen, int) else set(gen or ())
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def trim_rollouts(path: Path, step: int) -> None:
+    """Keep the rollout records of steps before `step` (the resume point); a torn last line
+    from a crash is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) < step:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")

@@ -1,0 +1,168 @@
+"""DAPO on a tiny model: dynamic sampling replaces zero-variance groups; training resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data_contracts.config import RLConfig
+from gr2_core.rl import dapo_args, dapo_trainer_class, reward_functions, select_groups, train_dapo
+from gr2_core.semantic_ids.sidmap import encode_sid
+from gr2_core.training import StopAfter
+
+SLATE = [encode_sid([i, 0]) for i in range(4)]
+
+
+class TextSpread:
+    """Test reward: varies with the completion for prompts marked INFO, constant for the rest."""
+
+    __name__ = "spread"
+
+    def __call__(self, completions, prompts, **kwargs):
+        out = []
+        for c, p in zip(completions, prompts, strict=True):
+            text = c[-1]["content"] if isinstance(c, list) else c
+            informative = "INFO" in p[-1]["content"]
+            out.append(float(sum(map(ord, text)) % 7) if informative else 0.0)
+        return out
+
+
+def _rows(n: int = 8) -> list[dict]:
+    return [
+        {
+            "prompt": [
+                {"role": "user", "content": f"{'INFO' if k % 2 else 'FLAT'} rank {' '.join(SLATE)}"}
+            ],
+            "slate": SLATE,
+            "target": SLATE[k % 4],
+            "prompt_index": k,
+        }
+        for k in range(n)
+    ]
+
+
+def _cfg(**kw) -> RLConfig:
+    base = dict(
+        group_size=4,
+        prompts_per_step=2,
+        max_steps=2,
+        max_completion_length=16,
+        overlong_cache=0,
+        lr=1e-4,
+        save_steps=1,
+        max_sampling_rounds=6,
+        num_threads=1,
+    )
+    return RLConfig(**(base | kw))
+
+
+def _tok(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def test_dynamic_sampling_replaces_zero_variance_groups(tiny, tmp_path):
+    from datasets import Dataset
+
+    cfg = _cfg()
+    tok = _tok(tiny)
+    funcs, weights = reward_functions(frozenset(SLATE), (tok.eos_token_id,), True, 0.2, 16, 0)
+    args = dapo_args(cfg, tmp_path / "ckpt")
+    args.reward_weights = [*weights, 1.0]
+    trainer = dapo_trainer_class()(
+        model=AutoModelForCausalLM.from_pretrained(tiny),
+        reward_funcs=[*funcs, TextSpread()],
+        args=args,
+        train_dataset=Dataset.from_list(_rows()),
+        processing_class=tok,
+        monitor_reward=funcs[0],
+        max_rounds=6,
+    )
+    trainer.model.train()
+    flat = [r for r in _rows() if "FLAT" in r["prompt"][0]["content"]][:2]
+    batch = [r for r in flat for _ in range(cfg.group_size)]
+    out = trainer._generate_and_score_completions(batch)
+    # every prompt of the round was uninformative: all replaced by informative draws
+    stats = trainer.dynamic_history[-1]
+    assert stats["zero_std_before"] == 1.0
+    assert stats["zero_std_after"] == 0.0 and stats["extra_rounds"] >= 1
+    assert out["completion_ids"].shape[0] == len(batch) == out["advantages"].shape[0]
+    groups = out["advantages"].view(-1, cfg.group_size)
+    assert (groups.abs().sum(dim=1) > 0).all()
+    prompts = tok.batch_decode(out["prompt_ids"], skip_special_tokens=True)
+    assert all("INFO" in p for p in prompts)
+    assert int(out["num_items_in_batch"]) == int(out["completion_mask"].sum())
+    # the monitors were logged from the rollouts
+    metrics = trainer._metrics["train"]
+    assert metrics["monitor/invalid_rate"] and metrics["dynamic/zero_std_before"] == [1.0]
+
+    # with no extra rounds allowed, the shortfall is filled with (zero-advantage) groups and logged
+    trainer.max_rounds = 0
+    out = trainer._generate_and_score_completions(batch)
+    assert trainer.dynamic_history[-1]["shortfall_groups"] == 2
+    assert out["advantages"].abs().sum() == 0
+
+
+def test_select_groups_pads_prompts_left_and_completions_right():
+    a = {
+        "prompt_ids": torch.tensor([[1, 2], [3, 4]]),
+        "prompt_mask": torch.ones(2, 2, dtype=torch.long),
+        "completion_ids": torch.tensor([[5], [6]]),
+        "completion_mask": torch.ones(2, 1, dtype=torch.long),
+        "advantages": torch.tensor([1.0, -1.0]),
+        "num_items_in_batch": torch.tensor(2),
+    }
+    b = {
+        "prompt_ids": torch.tensor([[7, 8, 9], [7, 8, 9]]),
+        "prompt_mask": torch.ones(2, 3, dtype=torch.long),
+        "completion_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
+        "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+        "advantages": torch.tensor([0.5, -0.5]),
+        "num_items_in_batch": torch.tensor(5),
+    }
+    m = select_groups([a, b], [(1, 0), (0, 0)], group=2, pad_id=0)
+    assert m["prompt_ids"].tolist() == [[7, 8, 9], [7, 8, 9], [0, 1, 2], [0, 3, 4]]
+    assert m["prompt_mask"].tolist() == [[1, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1]]
+    assert m["completion_ids"].tolist() == [[1, 2, 3], [4, 5, 0], [5, 0, 0], [6, 0, 0]]
+    assert m["completion_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 0, 0]]
+    assert m["advantages"].tolist() == [0.5, -0.5, 1.0, -1.0]
+    assert int(m["num_items_in_batch"]) == 7
+    with pytest.raises(TypeError, match="pixel_values"):
+        select_groups([a | {"pixel_values": [1]}], [(0, 0)], 2, 0)
+
+
+def test_dapo_runs_a_few_steps_and_resumes_after_a_crash(tiny, tmp_path):
+    cfg = _cfg(max_steps=3, save_steps=2, micro_batch_size=4)  # 2 micro-batches per step
+    tok = _tok(tiny)
+    known = frozenset(SLATE)
+    with pytest.raises(KeyboardInterrupt):
+        train_dapo(
+            tiny,
+            _rows(),
+            tmp_path,
+            cfg,
+            tok,
+            known,
+            callbacks=(StopAfter(3),),
+            extra_rewards=(TextSpread(),),
+        )
+    assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+    log = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in log} == {0, 1, 2}
+    trainer, history = train_dapo(
+        tiny, _rows(), tmp_path, cfg, tok, known, extra_rewards=(TextSpread(),)
+    )
+    assert trainer.state.global_step == 3
+    log = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log]
+    assert sorted(set(steps)) == [0, 1, 2] and steps == sorted(steps)  # step 2 redone once
+    logged = [r for r in history if "monitor/identity_rate" in r]
+    assert logged and all(
+        "rewards/rerank/mean" in r and "dynamic/zero_std_after" in r for r in logged
+    )
+    assert all(r["reason"] for r in log) and all(r["reward"] == r["reward"] for r in log)
