@@ -129,7 +129,10 @@ def main() -> None:
             f"Command: `{command}` ({os.cpu_count()} cores; demo SFT-rejection student, "
             f"{cfg.prompts_per_step} groups of {cfg.group_size} rollouts of up to "
             f"{cfg.max_completion_length} tokens per step, dynamic sampling up to "
-            f"{cfg.max_sampling_rounds} extra rounds, HF `generate` rollouts).\n\n"
+            f"{cfg.max_sampling_rounds} extra rounds, HF `generate` rollouts, backward in "
+            f"micro-batches of {cfg.micro_batch}"
+            + (" with gradient checkpointing" if cfg.gradient_checkpointing else "")
+            + ").\n\n"
             + to_markdown(pl.DataFrame(table)),
             "Benchmarks",
         )
