@@ -29,10 +29,10 @@ from teacher import demo_inputs, latest  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from data_contracts.config import load_profile  # noqa: E402
-from gr2_core import prompts, traces  # noqa: E402
+from gr2_core import traces  # noqa: E402
 from gr2_core.report import replace_section, to_markdown  # noqa: E402
-from gr2_core.rerank_eval import eval_slates  # noqa: E402
 from gr2_core.rl import train_dapo  # noqa: E402
+from tasks.rl import training_rows  # noqa: E402
 
 
 class StepClock(TrainerCallback):
@@ -70,22 +70,8 @@ def main() -> None:
     root = Path(args.artifacts)
     sft = latest(root, "sft_rejection")
     cat, slates, sequences = demo_inputs(root)
-    cowatch = traces.CoWatch(sequences)
-    t = config.teacher
-    rows = []
-    for k, r in enumerate(eval_slates(slates, "train", cfg.slates, cfg.seed).iter_rows(named=True)):
-        history = r["history"][-t.history_items :]
-        notes = cowatch.notes(r["user_id"], history, r["candidates"])
-        rows.append(
-            {
-                "prompt": prompts.build_messages(
-                    history, r["candidates"], cat, t.knowledge, notes if t.cowatch_notes else None
-                ),
-                "slate": [cat.sid[c] for c in r["candidates"]],
-                "target": cat.sid[r["target"]],
-                "prompt_index": k,
-            }
-        )
+    cowatch = traces.CoWatch(sequences) if config.teacher.cowatch_notes else None
+    rows = training_rows(config, slates, cat, cowatch)  # what the rl stage trains on
     tok = AutoTokenizer.from_pretrained(sft.path("model"))
     if args.export:
         folder = Path(args.export)

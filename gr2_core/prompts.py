@@ -164,16 +164,19 @@ def parse_answer(text: str) -> tuple[RerankAnswer | None, str]:
 def check_answer(
     text: str,
     slate_sids: Sequence[str],
-    valid_sids: set[str] | frozenset[str],
+    valid_sids: set[str] | frozenset[str] | None,
     target_sid: str | None = None,
 ) -> Verdict:
-    """Apply the filter rules in order; `target_sid` given -> the top-1 must be it."""
+    """Apply the filter rules in order; `target_sid` given -> the top-1 must be it.
+
+    `valid_sids`: the catalogue's SIDs; None skips the two catalogue rules (unknown SID in the
+    list, unknown SID cited in the explanation) and keeps the slate rules."""
     answer, reason = parse_answer(text)
     if answer is None:
         return Verdict(False, reason)
     recs = answer.recommendations
     slate = set(slate_sids)
-    if any(s not in valid_sids for s in recs):
+    if valid_sids is not None and any(s not in valid_sids for s in recs):
         return Verdict(False, "unknown_sid", answer)
     if any(s not in slate for s in recs):
         return Verdict(False, "not_in_slate", answer)
@@ -181,7 +184,8 @@ def check_answer(
         return Verdict(False, "duplicate", answer)
     if set(recs) != slate:
         return Verdict(False, "missing", answer)
-    if any(s not in valid_sids for s in SID_PATTERN.findall(answer.explanation)):
+    cited = SID_PATTERN.findall(answer.explanation)
+    if valid_sids is not None and any(s not in valid_sids for s in cited):
         return Verdict(False, "unknown_cited_sid", answer)
     if target_sid is not None and recs[0] != target_sid:
         return Verdict(False, "wrong_top1", answer)

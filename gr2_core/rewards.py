@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gr2_core.prompts import SID_PATTERN, parse_answer
+from gr2_core.prompts import check_answer
 
 TRUNCATED = "truncated"
 
@@ -38,7 +38,7 @@ TRUNCATED = "truncated"
 class Judgement:
     """What one completion says about its slate: rankable or why not, and the two ranks."""
 
-    reason: str  # "ok", "truncated", or a parse/permutation failure (see prompts.REASONS)
+    reason: str  # "ok", "truncated", or the filter's rejection reason (see prompts.REASONS)
     input_rank: int  # r_D (0 if the target is not in the slate)
     output_rank: int  # r_o (0 if not rankable)
     identity: bool  # rankable and equal to the input order
@@ -65,9 +65,10 @@ def judge(
     truncated: bool = False,
     known_sids: frozenset[str] | None = None,
 ) -> Judgement:
-    """Parse `text` strictly and place the target; never raises.
+    """Check `text` with the teacher filter's rules (`prompts.check_answer`, no top-1 rule) and
+    place the target.
 
-    `known_sids` given: SIDs cited in the explanation must be known items, as in the filter.
+    `known_sids` given: every SID listed or cited must be a known item, as in the filter.
 
     >>> judge('{"explanation": "", "recommendations": ["b", "a", "c"]}', ["a", "b", "c"], "b")
     Judgement(reason='ok', input_rank=2, output_rank=1, identity=False, size=3)
@@ -78,23 +79,10 @@ def judge(
     r_d = slate.index(target) + 1 if target in slate else 0
     if truncated:
         return Judgement(TRUNCATED, r_d, 0, False, len(slate))
-    answer, reason = parse_answer(text)
-    if answer is None:
-        return Judgement(reason, r_d, 0, False, len(slate))
-    recs = answer.recommendations
-    members = set(slate)
-    if any(s not in members for s in recs):
-        reason = "not_in_slate"
-    elif len(set(recs)) != len(recs):
-        reason = "duplicate"
-    elif len(recs) != len(slate):
-        reason = "missing"
-    elif known_sids is not None and any(
-        s not in known_sids for s in SID_PATTERN.findall(answer.explanation)
-    ):
-        reason = "unknown_cited_sid"
-    if reason != "ok":
-        return Judgement(reason, r_d, 0, False, len(slate))
+    verdict = check_answer(text, slate, known_sids)  # the teacher filter's rules, no top-1 rule
+    if not verdict.accepted:
+        return Judgement(verdict.reason, r_d, 0, False, len(slate))
+    recs = verdict.answer.recommendations
     r_o = recs.index(target) + 1 if target in recs else 0
     return Judgement("ok", r_d, r_o, recs == slate, len(slate))
 

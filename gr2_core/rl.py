@@ -21,7 +21,7 @@ every round, this class only selects and concatenates groups.
 Monitors, logged with TRL's metrics every step (and so to MLflow when `report_to` has it):
 each reward component (`rewards/<name>/mean`), `dynamic/zero_std_before` and `/after`,
 `dynamic/extra_rounds`, `dynamic/shortfall_groups`, the rollouts' `monitor/identity_rate`,
-`invalid_rate`, `truncated_rate`, `ndcg@5`, and TRL's `completions/mean_length`. Every rollout
+`invalid_rate`, `truncated_rate`, `ndcg_at_5`, and TRL's `completions/mean_length`. Every rollout
 is appended to `completions.jsonl` in the output folder (step, prompt index, completion,
 reward, reason) so samples can be read or attached as an artifact.
 """
@@ -29,21 +29,18 @@ reward, reason) so samples can be read or attached as an artifact.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from gr2_core.rewards import FormatReward, RankReward, RerankReward, monitor
-
-
-def rollout_ndcg5(output_rank: int) -> float:
-    """NDCG@5 of one rollout with one relevant item: 1/log2(1 + r_o) if 1 <= r_o <= 5, else 0.
-
-    >>> rollout_ndcg5(1), rollout_ndcg5(6), rollout_ndcg5(0)
-    (1.0, 0.0, 0.0)
-    """
-    return 1.0 / math.log2(1 + output_rank) if 1 <= output_rank <= 5 else 0.0
+from gr2_core.metrics import ndcg_at_k
+from gr2_core.rewards import (
+    FormatReward,
+    RankReward,
+    RerankReward,
+    completion_text,
+    monitor,
+)
 
 
 def _pad_cat(tensors: list[torch.Tensor], value, left: bool) -> torch.Tensor:
@@ -153,19 +150,18 @@ def dapo_trainer_class():
             )
             for name, value in monitor(judged).items():
                 self._metrics["train"][f"monitor/{name}"].append(value)
-            ndcg = [rollout_ndcg5(j.output_rank) for j in judged]
-            self._metrics["train"]["monitor/ndcg_at_5"].append(sum(ndcg) / max(len(ndcg), 1))
+            ndcg = ndcg_at_k([j.output_rank for j in judged], 5)  # 0 = miss or unrankable
+            self._metrics["train"]["monitor/ndcg_at_5"].append(float(ndcg.mean()))
             if self.rollout_log is not None:
                 self.rollout_log.parent.mkdir(parents=True, exist_ok=True)
                 with self.rollout_log.open("a", encoding="utf-8") as f:
                     for x, c, r, j in zip(
                         inputs, completions, rewards.tolist(), judged, strict=True
                     ):
-                        text = c if isinstance(c, str) else c[-1]["content"]
                         row = {
                             "step": self.state.global_step,
                             "prompt": x.get("prompt_index"),
-                            "completion": text,
+                            "completion": completion_text(c),
                             "reward": r,
                             "reason": j.reason,
                             "identity": j.identity,

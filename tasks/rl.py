@@ -19,6 +19,7 @@ import gr2_core.rerank_eval
 import gr2_core.rewards
 import gr2_core.rl
 import gr2_core.traces as tr
+import gr2_core.training
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
 from gr2_core.plots import rl_curves
@@ -34,7 +35,7 @@ RL = {
     v: Stage(
         f"rl_{v}",
         lambda c: c.rl,
-        (gr2_core.rl, gr2_core.rewards, gr2_core.prompts),
+        (gr2_core.rl, gr2_core.rewards, gr2_core.prompts, gr2_core.training),
         _prompt_settings,
     )
     for v in VARIANTS

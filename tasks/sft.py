@@ -14,6 +14,7 @@ from prefect import get_run_logger, task
 import gr2_core.prompts
 import gr2_core.sft
 import gr2_core.traces as tr
+import gr2_core.training
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
 from tasks.data import read
@@ -28,7 +29,12 @@ def _prompt_settings(c: PipelineConfig) -> dict:
 
 
 SFT = {
-    m: Stage(f"sft_{m}", lambda c: c.sft, (gr2_core.sft, gr2_core.prompts), _prompt_settings)
+    m: Stage(
+        f"sft_{m}",
+        lambda c: c.sft,
+        (gr2_core.sft, gr2_core.prompts, gr2_core.training),
+        _prompt_settings,
+    )
     for m in ("targeted", "rejection")
 }
 
