@@ -18,7 +18,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install teacher-env run test ui ui-stop lint bench bench-teacher bench-rl clean
+.PHONY: install teacher-env run ctc test ui ui-stop lint bench bench-teacher bench-rl clean
 
 $(BIN)/.installed: pyproject.toml requirements-data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ teacher-env: $(TEACHER_VENV)/.installed
 run: install teacher-env
 	mkdir -p "$(PREFECT_HOME)"
 	$(BIN)/gr2 run --profile $(PROFILE)
+
+# the CTC summarization experiments on ACLSum (SPEC section 7); results into docs/results.md
+ctc: install
+	mkdir -p "$(PREFECT_HOME)"
+	$(BIN)/gr2 ctc --profile $(PROFILE) --doc docs/results.md
 
 test: install teacher-env
 	bash infra/run_tests.sh

@@ -489,11 +489,16 @@ class PipelineConfig(StageConfig):
 
 def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> PipelineConfig:
     """Load a YAML profile (a name in infra/configs/ or a path) over the defaults."""
+    return PipelineConfig.model_validate(read_profile(name_or_path, PROFILES_DIR, overrides))
+
+
+def read_profile(name_or_path: str | Path, folder: Path, overrides: dict | None = None) -> dict:
+    """A profile's raw settings (a name in `folder` or a path), with dotted `overrides` set."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = PROFILES_DIR / f"{name_or_path}.yaml"
+        path = folder / f"{name_or_path}.yaml"
     if not path.exists():
-        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise FileNotFoundError(f"profile {name_or_path!r} not found ({path}); known: {known}")
     raw = yaml.safe_load(path.read_text()) or {}
     raw.setdefault("profile", path.stem)
@@ -503,4 +508,4 @@ def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> Pip
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return PipelineConfig.model_validate(raw)
+    return raw

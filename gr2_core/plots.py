@@ -91,3 +91,44 @@ def rl_curves(runs: dict[str, list[dict]], path: Path) -> plt.Figure:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return fig
+
+
+def ctc_curves(history: list[dict[str, float]], path: Path) -> plt.Figure:
+    """CTC summarizer: train and validation loss per epoch."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    ax.plot(epochs, [h["valid_loss"] for h in history], marker="o", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("CTC loss per summary token")
+    ax.set_title("CTC summarizer training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def summarizer_bars(table, path: Path) -> plt.Figure:
+    """ROUGE-L and order score (95% CI) per system, one group per test condition."""
+    metrics = [("rougeL", "ROUGE-L F1"), ("order", "order (Kendall tau)")]
+    conditions = list(dict.fromkeys(table["condition"].to_list()))
+    systems = list(dict.fromkeys(table["system"].to_list()))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5))
+    width = 0.8 / max(len(systems), 1)
+    for ax, (key, label) in zip(axes, metrics, strict=True):
+        for j, system in enumerate(systems):
+            xs, ys, lo, hi = [], [], [], []
+            for i, cond in enumerate(conditions):
+                row = table.filter((table["condition"] == cond) & (table["system"] == system))
+                if row.height:
+                    xs.append(i + j * width)
+                    ys.append(row[key][0])
+                    lo.append(row[key][0] - row[f"{key}_low"][0])
+                    hi.append(row[f"{key}_high"][0] - row[key][0])
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=system)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(conditions))], conditions)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig

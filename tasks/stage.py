@@ -19,7 +19,8 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.context import TaskRunContext
 
-from data_contracts.config import PipelineConfig, StageConfig
+from data_contracts.config import StageConfig
+from data_contracts.ctc import FlowConfig
 from data_contracts.manifest import Manifest
 from tasks.store import StageDir, code_version, stage_key
 from tasks.tracking import StageRun, Tracking, stage_run
@@ -53,28 +54,28 @@ class Stage:
     """A named stage: its config section and the modules its output depends on."""
 
     name: str
-    section: Callable[[PipelineConfig], StageConfig]
+    section: Callable[[FlowConfig], StageConfig]
     code: tuple[ModuleType, ...]
     # content that the config does not capture, e.g. hashes of the raw input files
-    fingerprint: Callable[[PipelineConfig], Mapping] | None = None
+    fingerprint: Callable[[FlowConfig], Mapping] | None = None
 
-    def identity(self, config: PipelineConfig) -> dict:
+    def identity(self, config: FlowConfig) -> dict:
         extra = self.fingerprint(config) if self.fingerprint else {}
         return {"config": self.section(config).digest(), "extra": extra}
 
-    def key(self, config: PipelineConfig, upstream: Sequence[Manifest]) -> str:
+    def key(self, config: FlowConfig, upstream: Sequence[Manifest]) -> str:
         return stage_key(self.name, self.identity(config), upstream, code_version(self.code))
 
     def cache_key_fn(self, context: TaskRunContext, parameters: dict[str, Any]) -> str:
         """Prefect cache key: the stage key, scoped to the artifacts root in use."""
-        config: PipelineConfig = parameters["config"]
+        config: FlowConfig = parameters["config"]
         upstream = [v for v in parameters.values() if isinstance(v, Manifest)]
         root = hashlib.sha256(str(Path(config.artifacts_root).resolve()).encode()).hexdigest()[:8]
         return f"gr2-{self.name}-{self.key(config, upstream)}-{root}"
 
     def run(
         self,
-        config: PipelineConfig,
+        config: FlowConfig,
         upstream: Sequence[Manifest],
         tracking: Tracking,
         body: Body,

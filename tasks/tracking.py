@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from data_contracts.config import PipelineConfig, StageConfig
+from data_contracts.ctc import FlowConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -35,7 +36,7 @@ class Tracking(BaseModel):
     parent_run_id: str | None = None
 
 
-def resolve_uri(cfg: PipelineConfig) -> str:
+def resolve_uri(cfg: FlowConfig) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else SQLite beside the artifacts root."""
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
@@ -66,7 +67,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def start_parent(cfg: PipelineConfig, flow_name: str, flow_run_id: str | None) -> Tracking:
+def start_parent(cfg: FlowConfig, flow_name: str, flow_run_id: str | None) -> Tracking:
     """Create the flow's parent run with its config; returns what tasks need to attach."""
     uri = resolve_uri(cfg)
     client = MlflowClient(uri)
@@ -175,22 +176,30 @@ def stage_run(tracking: Tracking, stage: str, key: str, config: StageConfig) -> 
     client.set_terminated(run_id, "FINISHED")
 
 
-def start_tracking_run(cfg: PipelineConfig, flow_name: str) -> Tracking:
+def start_tracking_run(cfg: FlowConfig, flow_name: str) -> Tracking:
     """The flow's parent run, tagged with the current Prefect flow-run id."""
     from prefect.runtime import flow_run
 
     return start_parent(cfg, flow_name, flow_run.id)
 
 
-def fail_parent_hook(flow, flow_run, state) -> None:  # noqa: ANN001 - Prefect hook signature
-    """Flow on_failure/on_crashed hook: mark the flow's parent MLflow run FAILED."""
-    raw = flow_run.parameters.get("config") or {}
-    cfg = raw if isinstance(raw, PipelineConfig) else PipelineConfig.model_validate(raw)
-    client = MlflowClient(resolve_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return
-    query = f"tags.`prefect.flow_run_id` = '{flow_run.id}' and attributes.status = 'RUNNING'"
-    runs = client.search_runs([exp.experiment_id], filter_string=query)
-    for run in runs:
-        client.set_terminated(run.info.run_id, "FAILED")
+def fail_parent_hook_for(config_cls: type[StageConfig]):
+    """A flow on_failure/on_crashed hook that marks the flow's parent MLflow run FAILED; the
+    flow's `config` parameter is parsed as `config_cls`."""
+
+    def hook(flow, flow_run, state) -> None:  # noqa: ANN001 - Prefect hook signature
+        raw = flow_run.parameters.get("config") or {}
+        cfg = raw if isinstance(raw, config_cls) else config_cls.model_validate(raw)
+        client = MlflowClient(resolve_uri(cfg))
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            return
+        query = f"tags.`prefect.flow_run_id` = '{flow_run.id}' and attributes.status = 'RUNNING'"
+        runs = client.search_runs([exp.experiment_id], filter_string=query)
+        for run in runs:
+            client.set_terminated(run.info.run_id, "FAILED")
+
+    return hook
+
+
+fail_parent_hook = fail_parent_hook_for(PipelineConfig)

@@ -47,3 +47,34 @@ def test_flow_parameter_schema_renders_config():
     defs = schema.get("definitions") or schema.get("$defs")
     assert {"DataConfig", "PrerankerConfig"} <= set(defs)
     assert "description" in defs["DataConfig"]["properties"]["dataset"]
+
+
+@pytest.mark.parametrize("name", ["ci", "demo"])
+def test_ctc_profiles_load(name):
+    from data_contracts.ctc import CTC_PROFILES_DIR, load_ctc_profile
+
+    cfg = load_ctc_profile(name)
+    assert cfg.profile == name and cfg.tracking.experiment == "gr2-ctc"
+    header = (CTC_PROFILES_DIR / f"{name}.yaml").read_text().splitlines()[:3]
+    assert any("Run:" in line for line in header)
+
+
+def test_ctc_config_errors_name_the_field():
+    from data_contracts.ctc import CTCFlowConfig, load_ctc_profile
+
+    with pytest.raises(ValidationError, match="jsonl_path"):
+        CTCFlowConfig.model_validate({"data": {"source": "jsonl"}})
+    with pytest.raises(ValidationError, match="noise_rates"):
+        load_ctc_profile("ci", {"evaluation.noise_rates": [0.0, 2.0]})
+    with pytest.raises(ValidationError, match="heads"):
+        load_ctc_profile("ci", {"ctc.heads": 5})
+
+
+def test_ctc_flow_parameter_schema():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.ctc_summarization import ctc_summarization
+
+    schema = parameter_schema(ctc_summarization.fn).model_dump()
+    text = str(schema)
+    assert "CTCFlowConfig" in text and "noise_rates" in text and "max_source_words" in text

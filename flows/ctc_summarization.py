@@ -1,0 +1,36 @@
+"""The CTC summarization experiments (SPEC section 7), a flow of their own beside `gr2_pipeline`.
+
+Pairs -> CTC summarizer -> evaluation against Lead-N and a zero-shot LLM (clean and with
+simulated ASR noise) -> registered model. Run it with `gr2 ctc --profile demo`, from the Prefect
+UI through the deployment in `infra/prefect.yaml`, or as `python -m flows.ctc_summarization`.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from data_contracts.ctc import CTCFlowConfig, load_ctc_profile
+from tasks.ctc import evaluate_ctc, load_pairs, publish_ctc, register_ctc, train_ctc
+from tasks.setup import start_tracking
+from tasks.tracking import fail_parent_hook_for
+
+FLOW_NAME = "ctc-summarization"
+DEMO = load_ctc_profile("demo")  # the form's defaults in the Prefect UI
+_on_failure = fail_parent_hook_for(CTCFlowConfig)
+
+
+@flow(name=FLOW_NAME, on_failure=[_on_failure], on_crashed=[_on_failure])
+def ctc_summarization(config: CTCFlowConfig = DEMO) -> dict:
+    """ACLSum (or your JSONL) pairs, CTC summarizer training, evaluation against Lead-N and a
+    zero-shot LLM on clean and noisy test documents, registration in the MLflow registry."""
+    tracking = start_tracking(config, FLOW_NAME)
+    data = load_pairs(config, tracking)
+    model = train_ctc(config, data, tracking)
+    scored = evaluate_ctc(config, data, model, tracking)
+    version = register_ctc(config, model, tracking)
+    result = publish_ctc(config, tracking, [data, model, scored])
+    return result | {"model_version": version}
+
+
+if __name__ == "__main__":
+    ctc_summarization(DEMO)
