@@ -118,11 +118,23 @@ class CTCEvalConfig(StageConfig):
         description="Candidate lengths (x median training summary length) for the CTC length "
         "control and Lead-N, picked by validation ROUGE-L.",
     )
+    span: int | None = Field(
+        None,
+        ge=0,
+        description="Length control: smooth each position's score over +-span neighbours "
+        "(favours phrases); empty: picked on the validation split from `spans`.",
+    )
+    spans: list[int] = Field(default_factory=lambda: [0, 1, 2])
     beam: int = Field(8, ge=1, description="Prefix beam search width.")
     top_k: int = Field(8, ge=1, description="Labels tried per position in the beam search.")
     max_len: int | None = Field(64, ge=1, description="Length cap on CTC outputs (tokens).")
     min_len: int = Field(0, ge=0, description="Beam outputs shorter than this rank last.")
-    length_bonus: float = Field(0.0, description="Beam score added per output token.")
+    length_bonus: float | None = Field(
+        None,
+        description="Beam score added per output token; empty: picked on the validation split "
+        "from `length_bonuses`.",
+    )
+    length_bonuses: list[float] = Field(default_factory=lambda: [0.0, 2.0, 4.0])
     llm_source: str | None = Field(
         None, description="Zero-shot LLM baseline: a local model folder; empty = SmolLM2-135M."
     )

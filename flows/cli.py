@@ -28,19 +28,25 @@ def _parse_sets(pairs: list[str]) -> dict:
     return out
 
 
+def _run_flow(flow_fn, config, refresh: bool) -> tuple[dict, float]:
+    """Run a flow, print its report; (result, wall seconds)."""
+    if refresh:  # Prefect reads this setting when each task runs
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    start = time.perf_counter()
+    result = flow_fn(config)
+    seconds = time.perf_counter() - start
+    print()
+    print(result["report"])
+    return result, seconds
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from data_contracts.config import load_profile
 
     config = load_profile(args.config or args.profile, _parse_sets(args.set))
     from flows.gr2_pipeline import gr2_pipeline
 
-    if args.refresh:  # Prefect reads this setting when each task runs
-        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
-    start = time.perf_counter()
-    result = gr2_pipeline(config)
-    seconds = time.perf_counter() - start
-    print()
-    print(result["report"])
+    result, seconds = _run_flow(gr2_pipeline, config, args.refresh)
     print(f"Flow wall time: {seconds:.0f} s")
     if args.doc:
         from gr2_core.report import replace_section
@@ -148,13 +154,7 @@ def cmd_ctc(args: argparse.Namespace) -> int:
     config = load_ctc_profile(args.config or args.profile, _parse_sets(args.set))
     from flows.ctc_summarization import ctc_summarization
 
-    if args.refresh:
-        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
-    start = time.perf_counter()
-    result = ctc_summarization(config)
-    seconds = time.perf_counter() - start
-    print()
-    print(result["report"])
+    result, seconds = _run_flow(ctc_summarization, config, args.refresh)
     print(f"Flow wall time: {seconds:.0f} s; registered model version {result['model_version']}")
     if args.doc:
         from gr2_core.report import replace_section

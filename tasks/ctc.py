@@ -27,10 +27,9 @@ from data_contracts.manifest import Manifest, sha256_file
 from data_contracts.tables import SUMMARY_PAIRS, SUMMARY_SCORES, validate
 from gr2_core.plots import ctc_curves, summarizer_bars
 from gr2_core.report import to_markdown
-from gr2_core.summarization.baselines import LLMSummarizer, lead_n, lead_words, truncated
+from gr2_core.summarization.baselines import LLMSummarizer
 from gr2_core.summarization.ctc import (
     CTCSpec,
-    DecodeOptions,
     Summarizer,
     TrainOptions,
     train_summarizer,
@@ -38,15 +37,16 @@ from gr2_core.summarization.ctc import (
 from gr2_core.summarization.data import (
     SummaryPair,
     aclsum_dir,
-    asr_noise,
     load_aclsum,
     load_jsonl,
 )
 from gr2_core.summarization.evaluate import (
-    pick_by_rouge_l,
-    score_system,
+    from_config,
+    paired_differences,
+    score_conditions,
     summary_table,
     to_markdown_rows,
+    tune,
 )
 from tasks.data import read
 from tasks.stage import Stage, StageResult
@@ -135,20 +135,7 @@ def load_pairs(config: CTCFlowConfig, tracking: Tracking) -> Manifest:
 
 
 def spec_of(config: CTCFlowConfig) -> CTCSpec:
-    c = config.ctc
-    return CTCSpec(
-        encoder=c.encoder,
-        hidden=c.hidden,
-        layers=c.layers,
-        heads=c.heads,
-        window=c.window,
-        upsample=c.upsample,
-        dropout=c.dropout,
-        copy_bias=c.copy_bias,
-        target=c.target,
-        max_source_words=config.data.max_source_words,
-        max_source_tokens=c.max_source_tokens,
-    )
+    return from_config(CTCSpec, config.ctc, max_source_words=config.data.max_source_words)
 
 
 @task(name="ctc_train", cache_key_fn=TRAIN.cache_key_fn, persist_result=True)
@@ -156,16 +143,7 @@ def train_ctc(config: CTCFlowConfig, data: Manifest, tracking: Tracking) -> Mani
     """Fit the CTC summarizer; resumes from the last finished epoch after a crash."""
 
     def body(work: Path, run: StageRun) -> StageResult:
-        c = config.ctc
-        opts = TrainOptions(
-            epochs=c.epochs,
-            batch_size=c.batch_size,
-            lr=c.lr,
-            weight_decay=c.weight_decay,
-            seed=c.seed,
-            num_threads=c.num_threads,
-            patience=c.patience,
-        )
+        opts = from_config(TrainOptions, config.ctc)
         log = get_run_logger()
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
@@ -191,20 +169,6 @@ def train_ctc(config: CTCFlowConfig, data: Manifest, tracking: Tracking) -> Mani
     return TRAIN.run(config, [data], tracking, body)
 
 
-def ctc_system(summarizer: Summarizer, opts: DecodeOptions):
-    """(document, aspect) -> summary, encoder included (so its time counts in the latency)."""
-
-    def summarize(document: str, aspect: str) -> str:
-        return summarizer.decode(summarizer.encoder.encode([document])[0], aspect, opts)
-
-    return summarize
-
-
-def cached_system(summarizer: Summarizer, encoded: dict, opts: DecodeOptions):
-    """Like `ctc_system` over documents encoded beforehand (for tuning on valid)."""
-    return lambda document, aspect: summarizer.decode(encoded[document], aspect, opts)
-
-
 def conditions(rates: list[float]) -> dict[str, float]:
     return {("clean" if r == 0 else f"asr-noise-{r:g}"): r for r in rates}
 
@@ -221,83 +185,47 @@ def evaluate_ctc(
         log = get_run_logger()
         test, train = pairs_of(data, "test"), pairs_of(data, "train")
         summarizer = Summarizer.load(model.path("model"))
-        # output lengths of the CTC length control and of Lead-N: set, or picked on valid
-        valid = pairs_of(data, "valid")
-        valid_sources = truncated([p.document for p in valid], d.max_source_words)
-        cache = dict(zip(valid_sources, summarizer.encoder.encode(valid_sources), strict=True))
-        factors = e.length_factors
-        median = summarizer.median_summary_tokens
-        if e.length:
-            length, tuned_ctc = e.length, {}
-        else:
-            length, tuned_ctc = pick_by_rouge_l(
-                [max(1, round(median * f)) for f in factors],
-                lambda n: cached_system(summarizer, cache, DecodeOptions("greedy", length=n)),
-                valid,
-                valid_sources,
-                e.level,
-            )
-        words = lead_words([p.summary for p in train])
-        n_lead, tuned_lead = pick_by_rouge_l(
-            [max(1, round(words * f)) for f in factors],
-            lambda n: lambda doc, aspect: lead_n(doc, n),
-            valid,
-            valid_sources,
-            e.level,
-        )
-        log.info(
-            "ctc_eval: CTC length %d (valid ROUGE-L %s), Lead-%d (%s)",
-            length,
-            tuned_ctc,
-            n_lead,
-            tuned_lead,
-        )
+        words = d.max_source_words
+        tuned = tune(summarizer, pairs_of(data, "valid"), train, e, words)
+        log.info("ctc_eval: picked on valid by ROUGE-L: %s", tuned)
         llm_pairs = _cap(test, e.llm_max_pairs, d.seed)
         llm = LLMSummarizer(e.llm_source, e.llm_max_new_tokens, e.num_threads)
-        greedy = DecodeOptions("greedy", max_len=e.max_len)
-        controlled = DecodeOptions("greedy", length=length)
-        beam = DecodeOptions(
-            "beam",
-            beam=e.beam,
-            top_k=e.top_k,
-            max_len=e.max_len,
-            min_len=e.min_len,
-            length_bonus=e.length_bonus,
+        frames = score_conditions(
+            summarizer,
+            llm,
+            test,
+            llm_pairs,
+            tuned,
+            e,
+            words,
+            d.seed,
+            conditions(e.noise_rates),
+            lambda name: log.info("ctc_eval: condition %s scored", name),
         )
-        frames = []
-        for name, rate in conditions(e.noise_rates).items():
-            docs = truncated([p.document for p in test], d.max_source_words)
-            vocab = sorted({w for doc in docs for w in doc.split()})
-            sources = [asr_noise(doc, rate, d.seed, vocab) for doc in docs]
-            systems = {
-                "ctc-greedy": ctc_system(summarizer, greedy),
-                f"ctc-greedy-len{length}": ctc_system(summarizer, controlled),
-                f"ctc-beam{e.beam}": ctc_system(summarizer, beam),
-                f"lead-{n_lead}": lambda doc, aspect: lead_n(doc, n_lead),
-            }
-            for system, fn in systems.items():
-                frames.append(score_system(system, fn, test, sources, name, e.level))
-            by_id = dict(zip([p.id for p in test], sources, strict=True))
-            llm_sources = [by_id[p.id] for p in llm_pairs]
-            frames.append(score_system("llm-zero-shot", llm, llm_pairs, llm_sources, name, e.level))
-            log.info("ctc_eval: condition %s scored", name)
-        scores = validate(SUMMARY_SCORES, pl.concat(frames), "ctc_eval scores")
+        scores = validate(SUMMARY_SCORES, frames, "ctc_eval scores")
         table = summary_table(scores, e.bootstrap_samples, d.seed)
         scores.write_parquet(work / "scores.parquet")
         table.write_parquet(work / "table.parquet")
-        report = to_markdown(to_markdown_rows(table))
+        lead = f"lead-{tuned.lead_words}"
+        differences = paired_differences(scores, lead, "rougeL", e.bootstrap_samples, d.seed)
+        differences.write_parquet(work / "differences.parquet")
+        report = (
+            to_markdown(to_markdown_rows(table))
+            + f"\n\nROUGE-L minus {lead} on the same test pairs, mean [95% paired bootstrap CI]:"
+            + "\n\n"
+            + to_markdown(differences)
+        )
         (work / "report.md").write_text(report + "\n")
         run.log_figure(summarizer_bars(table, work / "results.png"), "results.png")
         run.log_table(scores, "scores.parquet")
-        metrics = {f"valid_rougeL/ctc_length_{k}": v for k, v in tuned_ctc.items()}
-        metrics |= {f"valid_rougeL/lead_{k}": v for k, v in tuned_lead.items()}
-        metrics |= {"ctc_length": length, "lead_words": n_lead}
+        metrics = tuned.metrics()
         for row in table.iter_rows(named=True):
             for k in ("rouge1", "rouge2", "rougeL", "order", "summaries_per_s", "latency_ms"):
                 metrics[f"{row['condition']}/{row['system']}/{k}"] = row[k]
         files = {
             "scores": "scores.parquet",
             "table": "table.parquet",
+            "differences": "differences.parquet",
             "report": "report.md",
             "plot": "results.png",
         }

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from gr2_core.summarization.data import SummaryDataError, SummaryPair, truncate_words
-from gr2_core.summarization.decode import greedy, prefix_beam_search
+from gr2_core.summarization.decode import greedy, prefix_beam_search, select_positions
 
 BLANK = 0  # output label 0 is the blank; token id i is label i + 1
 
@@ -494,6 +494,7 @@ class DecodeOptions:
     method: str = "greedy"  # greedy | beam
     length: int | None = None  # length control: emit about this many tokens (greedy)
     whole_words: bool = True  # with length control, a copied word-piece brings its whole word
+    span: int = 0  # length control: smooth position scores over +-span neighbours
     beam: int = 8
     top_k: int = 8
     max_len: int | None = 64
@@ -529,9 +530,9 @@ class Summarizer:
     def decode(self, enc: Encoded, aspect: str, opts: DecodeOptions) -> str:
         lp, labels = self.log_probs(enc, aspect)
         if opts.method == "greedy" and opts.length and opts.whole_words:
-            return self.codec.decode(self._whole_words(lp, labels, enc, opts.length))
+            return self.codec.decode(self._whole_words(lp, labels, enc, opts.length, opts.span))
         if opts.method == "greedy":
-            local = greedy(lp, BLANK, opts.max_len, opts.length)
+            local = greedy(lp, BLANK, opts.max_len, opts.length, opts.span)
         elif opts.method == "beam":
             local = prefix_beam_search(
                 lp,
@@ -545,12 +546,12 @@ class Summarizer:
             raise ValueError(f"unknown decoding method {opts.method!r}; use 'greedy' or 'beam'")
         return self.codec.decode([int(labels[i]) - 1 for i in local])
 
-    def _whole_words(self, lp: np.ndarray, labels: torch.Tensor, enc: Encoded, length: int):
+    def _whole_words(self, lp: np.ndarray, labels: torch.Tensor, enc: Encoded, length, span):
         """Length-controlled greedy (see `decode.greedy`) where a position that copies its
         input word-piece emits the whole source word it belongs to, once."""
         U = self.spec.upsample
         best = lp[:, 1:].argmax(axis=1) + 1  # labels[0] is the blank
-        chosen = sorted(np.argsort(lp[:, 0], kind="stable")[:length])
+        chosen = select_positions(lp, length, BLANK, span)
         starts = self.codec.word_starts(enc.ids)
         out: list[int] = []
         taken: set[int] = set()

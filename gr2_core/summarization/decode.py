@@ -34,13 +34,35 @@ def collapse(alignment: Sequence[int], blank: int = 0) -> list[int]:
     return out
 
 
+def position_scores(log_probs: np.ndarray, blank: int = 0, span: int = 0) -> np.ndarray:
+    """How likely each position is to emit a label (1 - P(blank)); with `span` > 0, half of it
+    is the mean over the 2 * span + 1 positions around, which favours contiguous phrases."""
+    p = 1 - np.exp(log_probs[:, blank])
+    if span > 0:
+        kernel = np.ones(2 * span + 1) / (2 * span + 1)
+        p = 0.5 * p + 0.5 * np.convolve(p, kernel, mode="same")
+    return p
+
+
+def select_positions(
+    log_probs: np.ndarray, length: int, blank: int = 0, span: int = 0
+) -> list[int]:
+    """Length control: the `length` positions most likely to emit a label, in input order."""
+    order = np.argsort(-position_scores(log_probs, blank, span), kind="stable")
+    return sorted(int(t) for t in order[:length])
+
+
 def greedy(
-    log_probs: np.ndarray, blank: int = 0, max_len: int | None = None, length: int | None = None
+    log_probs: np.ndarray,
+    blank: int = 0,
+    max_len: int | None = None,
+    length: int | None = None,
+    span: int = 0,
 ) -> list[int]:
     """Best-path decoding. With `max_len`, a longer output keeps the `max_len` labels whose
     emitting positions were most confident, in their original order. With `length` (length
-    control), the output has up to `length` labels: the best non-blank label of each of the
-    `length` positions least likely to be blank, in input order (adjacent repeats merge).
+    control), the output has up to `length` labels: the best non-blank label of each position
+    chosen by `select_positions`, in input order (adjacent repeats merge).
 
     >>> lp = np.log(np.array([[0.6, 0.3, 0.1], [0.9, 0.05, 0.05], [0.4, 0.1, 0.5]]))
     >>> greedy(lp), greedy(lp, length=2)
@@ -49,10 +71,8 @@ def greedy(
     if length is not None:
         nonblank = np.delete(log_probs, blank, axis=1)
         best = np.delete(np.arange(log_probs.shape[1]), blank)[nonblank.argmax(axis=1)]
-        p_blank = log_probs[:, blank]
-        chosen = sorted(np.argsort(p_blank, kind="stable")[:length])
         alignment = [blank] * log_probs.shape[0]
-        for t in chosen:
+        for t in select_positions(log_probs, length, blank, span):
             alignment[t] = int(best[t])
         return collapse(alignment, blank)
     best = log_probs.argmax(axis=1)

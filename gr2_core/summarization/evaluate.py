@@ -6,14 +6,18 @@ seconds per summary are its latency; summaries/s is the count over the summed se
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from gr2_core.metrics import bootstrap_ci
-from gr2_core.summarization.baselines import timed
-from gr2_core.summarization.data import SummaryPair
+from gr2_core.summarization.baselines import lead_n, lead_words, timed, truncated
+from gr2_core.summarization.ctc import DecodeOptions, Summarizer
+from gr2_core.summarization.data import SummaryPair, asr_noise
 from gr2_core.summarization.metrics import order_score, rouge_scores
 
 System = Callable[[str, str], str]
@@ -92,16 +96,16 @@ def to_markdown_rows(table: pl.DataFrame) -> pl.DataFrame:
 
 
 def pick_by_rouge_l(
-    candidates: Sequence[int],
-    make_system: Callable[[int], System],
+    candidates: Sequence[Hashable],
+    make_system: Callable[[Any], System],
     pairs: Sequence[SummaryPair],
     sources: Sequence[str],
     level: str = "word",
-) -> tuple[int, dict[int, float]]:
-    """The candidate (e.g. an output length) whose system scores the best mean ROUGE-L on
-    `pairs` (the validation split), with every candidate's score; the first candidate when there
-    are no pairs."""
-    scores: dict[int, float] = {}
+) -> tuple[Any, dict[Any, float]]:
+    """The candidate setting (e.g. an output length) whose system scores the best mean ROUGE-L
+    on `pairs` (the validation split), with every candidate's score; the first candidate when
+    there are no pairs."""
+    scores: dict[Any, float] = {}
     if not pairs:
         return candidates[0], scores
     refs = [p.summary for p in pairs]
@@ -110,3 +114,152 @@ def pick_by_rouge_l(
         preds = [system(src, p.aspect) for p, src in zip(pairs, sources, strict=True)]
         scores[c] = float(rouge_scores(refs, preds, level)["rougeL"].mean())
     return max(scores, key=scores.get), scores
+
+
+def paired_differences(
+    scores: pl.DataFrame, baseline: str, metric: str = "rougeL", samples: int = 1000, seed: int = 0
+) -> pl.DataFrame:
+    """Per condition and system: mean of (system - baseline) `metric` over the pairs both
+    scored, with a 95% paired bootstrap CI (an interval excluding 0 separates the two)."""
+    rows = []
+    for (condition,), part in scores.group_by(["condition"], maintain_order=True):
+        base = part.filter(pl.col("system") == baseline).select("id", pl.col(metric).alias("base"))
+        for system in part["system"].unique(maintain_order=True):
+            if system == baseline:
+                continue
+            joined = part.filter(pl.col("system") == system).join(base, on="id")
+            diff = (joined[metric] - joined["base"]).to_numpy().astype(float)
+            mean, lo, hi = bootstrap_ci({"d": diff}, samples, 0.95, seed)["d"]
+            rows.append(
+                {
+                    "condition": condition,
+                    "system": system,
+                    "versus": baseline,
+                    "n": len(diff),
+                    f"{metric}_difference": f"{mean:.3f} [{lo:.3f}, {hi:.3f}]",
+                }
+            )
+    return pl.DataFrame(rows)
+
+
+def from_config(cls, cfg, **extra):
+    """An options dataclass filled from the same-named fields of a config section."""
+    names = {f.name for f in dataclasses.fields(cls)} & set(type(cfg).model_fields) - set(extra)
+    return cls(**{n: getattr(cfg, n) for n in names}, **extra)
+
+
+def ctc_system(summarizer: Summarizer, opts: DecodeOptions, encoded: dict | None = None) -> System:
+    """(document, aspect) -> summary. Without `encoded` the encoder runs inside the call, so its
+    time counts in the latency; with it (tuning on valid), documents encoded beforehand."""
+
+    def summarize(document: str, aspect: str) -> str:
+        enc = encoded[document] if encoded is not None else summarizer.encoder.encode([document])[0]
+        return summarizer.decode(enc, aspect, opts)
+
+    return summarize
+
+
+def lead_system(n_words: int) -> System:
+    return lambda document, aspect: lead_n(document, n_words)
+
+
+@dataclass
+class Tuned:
+    """Settings picked on the validation split, with every candidate's ROUGE-L."""
+
+    length: int
+    span: int
+    bonus: float
+    lead_words: int
+    scores: dict[str, dict] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"valid_rougeL/ctc_len{n}_span{k}": v for (n, k), v in self.scores["ctc"].items()}
+        out |= {f"valid_rougeL/beam_bonus_{b:g}": v for b, v in self.scores["beam"].items()}
+        out |= {f"valid_rougeL/lead_{n}": v for n, v in self.scores["lead"].items()}
+        return out | {
+            "ctc_length": self.length,
+            "ctc_span": self.span,
+            "beam_bonus": self.bonus,
+            "lead_words": self.lead_words,
+        }
+
+
+def tune(
+    summarizer: Summarizer, valid: Sequence[SummaryPair], train: Sequence[SummaryPair], cfg, words
+) -> Tuned:
+    """CTC length and span, beam length bonus and Lead-N: the configured value, or the best
+    validation ROUGE-L among the candidates (`cfg` is the flow's evaluation config, `words` the
+    source truncation)."""
+    sources = truncated([p.document for p in valid], words)
+    cache = dict(zip(sources, summarizer.encoder.encode(sources), strict=True))
+    median = summarizer.median_summary_tokens
+    lengths = (
+        [cfg.length] if cfg.length else [max(1, round(median * f)) for f in cfg.length_factors]
+    )
+    spans = [cfg.span] if cfg.span is not None else cfg.spans
+    (length, span), ctc = pick_by_rouge_l(
+        [(n, k) for n in lengths for k in spans],
+        lambda c: ctc_system(summarizer, DecodeOptions(length=c[0], span=c[1]), cache),
+        valid,
+        sources,
+        cfg.level,
+    )
+    bonuses = [cfg.length_bonus] if cfg.length_bonus is not None else cfg.length_bonuses
+    bonus, beam = pick_by_rouge_l(
+        bonuses,
+        lambda b: ctc_system(
+            summarizer, from_config(DecodeOptions, cfg, method="beam", length_bonus=b), cache
+        ),
+        valid,
+        sources,
+        cfg.level,
+    )
+    n_words = lead_words([p.summary for p in train])
+    n_lead, lead = pick_by_rouge_l(
+        [max(1, round(n_words * f)) for f in cfg.length_factors],
+        lead_system,
+        valid,
+        sources,
+        cfg.level,
+    )
+    return Tuned(length, span, bonus, n_lead, {"ctc": ctc, "beam": beam, "lead": lead})
+
+
+def score_conditions(
+    summarizer: Summarizer,
+    llm: System,
+    test: Sequence[SummaryPair],
+    llm_pairs: Sequence[SummaryPair],
+    tuned: Tuned,
+    cfg,
+    words: int,
+    seed: int,
+    conditions: dict[str, float],
+    on_condition: Callable[[str], None] | None = None,
+) -> pl.DataFrame:
+    """Every system on every test condition (name -> simulated ASR noise rate): plain greedy,
+    length-controlled greedy and beam CTC, Lead-N on all test pairs, the LLM on `llm_pairs`."""
+    systems = {
+        "ctc-greedy": ctc_system(summarizer, DecodeOptions("greedy", max_len=cfg.max_len)),
+        f"ctc-len{tuned.length}-span{tuned.span}": ctc_system(
+            summarizer, DecodeOptions(length=tuned.length, span=tuned.span)
+        ),
+        f"ctc-beam{cfg.beam}": ctc_system(
+            summarizer, from_config(DecodeOptions, cfg, method="beam", length_bonus=tuned.bonus)
+        ),
+        f"lead-{tuned.lead_words}": lead_system(tuned.lead_words),
+    }
+    frames = []
+    docs = truncated([p.document for p in test], words)
+    vocab = sorted({w for doc in docs for w in doc.split()})
+    for name, rate in conditions.items():
+        sources = [asr_noise(doc, rate, seed, vocab) for doc in docs]
+        for system, fn in systems.items():
+            frames.append(score_system(system, fn, test, sources, name, cfg.level))
+        by_id = dict(zip([p.id for p in test], sources, strict=True))
+        llm_sources = [by_id[p.id] for p in llm_pairs]
+        frames.append(score_system("llm-zero-shot", llm, llm_pairs, llm_sources, name, cfg.level))
+        if on_condition:
+            on_condition(name)
+    return pl.concat(frames)
