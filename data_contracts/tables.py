@@ -219,34 +219,3 @@ def require_columns(df: pl.DataFrame, columns: Iterable[str], source: str) -> No
             hint = f" (found '{close[0]}': misnamed?)" if close else ""
             problems.append(Problem(col, f"missing column{hint}; columns present: {df.columns}"))
         raise ContractError(source, problems)
-
-
-# CTC summarization flow: (document, summary) pairs, and their per-system scores
-SUMMARY_PAIRS = pa.DataFrameSchema(
-    {
-        "id": pa.Column(pl.Utf8, nullable=False, unique=True),
-        "doc_id": pa.Column(pl.Utf8, nullable=False),
-        "split": pa.Column(pl.Utf8, nullable=False, checks=pa.Check.isin(SPLITS)),
-        "aspect": pa.Column(pl.Utf8, nullable=False),
-        "document": pa.Column(pl.Utf8, nullable=False, checks=pa.Check.str_length(min_value=1)),
-        "summary": pa.Column(pl.Utf8, nullable=False, checks=pa.Check.str_length(min_value=1)),
-    },
-    strict=True,
-    name="summary_pairs",
-)
-
-SUMMARY_SCORES = pa.DataFrameSchema(
-    {
-        "condition": pa.Column(pl.Utf8, nullable=False),
-        "system": pa.Column(pl.Utf8, nullable=False),
-        "id": pa.Column(pl.Utf8, nullable=False),
-        "prediction": pa.Column(pl.Utf8, nullable=False),
-        "rouge1": pa.Column(pl.Float64, nullable=False, checks=pa.Check.in_range(0, 1)),
-        "rouge2": pa.Column(pl.Float64, nullable=False, checks=pa.Check.in_range(0, 1)),
-        "rougeL": pa.Column(pl.Float64, nullable=False, checks=pa.Check.in_range(0, 1)),
-        "order": pa.Column(pl.Float64, nullable=True),
-        "seconds": pa.Column(pl.Float64, nullable=False, checks=pa.Check.ge(0)),
-    },
-    strict=True,
-    name="summary_scores",
-)

@@ -14,7 +14,7 @@ import polars as pl
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-import data_contracts.tables
+import data_contracts.summaries
 import gr2_core.metrics
 import gr2_core.summarization.baselines
 import gr2_core.summarization.ctc
@@ -24,7 +24,8 @@ import gr2_core.summarization.evaluate
 import gr2_core.summarization.metrics
 from data_contracts.ctc import CTCFlowConfig
 from data_contracts.manifest import Manifest, sha256_file
-from data_contracts.tables import SUMMARY_PAIRS, SUMMARY_SCORES, validate
+from data_contracts.summaries import SUMMARY_PAIRS, SUMMARY_SCORES
+from data_contracts.tables import validate
 from gr2_core.plots import ctc_curves, summarizer_bars
 from gr2_core.report import to_markdown
 from gr2_core.summarization.baselines import LLMSummarizer
@@ -65,7 +66,7 @@ def _fingerprint(config: CTCFlowConfig) -> dict[str, str]:
 DATA = Stage(
     "ctc_data",
     lambda c: c.data,
-    (gr2_core.summarization.data, data_contracts.tables),
+    (gr2_core.summarization.data, data_contracts.summaries),
     _fingerprint,
 )
 TRAIN = Stage("ctc_train", lambda c: c.ctc, (gr2_core.summarization.ctc,))
