@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from prefect import get_run_logger, task
 
 import gr2_core.constrained
@@ -101,7 +102,10 @@ def mlflow_env(tracking: Tracking, run_id: str) -> Iterator[None]:
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
-        yield
+        # the fluent API prefers a URI set in-process (mlflow.set_tracking_uri, by any other
+        # code) over the environment: pin ours for the Trainer, restore the caller's after
+        with _use_tracking_uri(tracking.tracking_uri):
+            yield
     finally:
         for k, v in old.items():
             if v is None:

@@ -31,8 +31,11 @@ def ctc_ci(tmp_path: Path):
 
 
 def test_ctc_flow_runs_beside_the_pipeline_and_registers_a_model(
-    prefect_harness, ci_config, ctc_ci
+    prefect_harness, ci_config, ctc_ci, monkeypatch, tmp_path
 ):
+    # a URI set in-process by other code must not capture the pipeline's Trainer logging
+    other = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", other)
     with ThreadPoolExecutor(2) as pool:
         pipeline = pool.submit(gr2_pipeline, ci_config, return_state=True)
         ctc = pool.submit(ctc_summarization, ctc_ci, return_state=True)
@@ -62,17 +65,18 @@ def test_ctc_flow_runs_beside_the_pipeline_and_registers_a_model(
         a.path for a in client.list_artifacts(by_stage["ctc_eval"].info.run_id)
     }
     # the reranker pipeline logged to its own store, untouched by the CTC flow
-    pipeline_exp = MlflowClient(ci_config.tracking.tracking_uri).get_experiment_by_name(
-        "gr2-reranker"
-    )
-    assert pipeline_exp is not None
+    pipeline = MlflowClient(ci_config.tracking.tracking_uri)
+    pipeline_exp = pipeline.get_experiment_by_name("gr2-reranker")
+    (mid,) = pipeline.search_runs([pipeline_exp.experiment_id], "tags.`gr2.stage` = 'midtrain'")
+    assert len(pipeline.get_metric_history(mid.info.run_id, "loss")) == ci_config.midtrain.max_steps
 
     # the registered pyfunc summarizes; malformed input is named
     (version,) = client.search_model_versions("name = 'gr2-ctc-summarizer'")
     assert version.tags["gr2.stage_key"] and version.run_id == train_run
     import mlflow
 
-    mlflow.set_tracking_uri(ctc_ci.tracking.tracking_uri)
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ctc_ci.tracking.tracking_uri)
     loaded = mlflow.pyfunc.load_model("models:/gr2-ctc-summarizer/1")
     frame = pd.DataFrame({"document": ["Speech summaries keep the order of the talk ."]})
     out = loaded.predict(frame.assign(aspect="outcome"), params={"length": 4})
