@@ -1,7 +1,8 @@
 # GR2 — the two commands a new user needs:
 #   make run    install (first time) and run the pipeline on the embedded `demo` profile
 #   make test   install (first time) and run the default test suite (what CI runs)
-# and `make ui` to browse runs in real Prefect and MLflow servers on 127.0.0.1.
+# and `make ui` to browse runs in real Prefect and MLflow servers on 127.0.0.1 (with the
+# deployments of infra/prefect.yaml and a worker), `make serve` to serve the champion reranker.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install teacher-env run ctc test ui ui-stop lint bench bench-teacher bench-rl clean
+.PHONY: install teacher-env run ctc test ui ui-stop serve screenshots lint bench bench-teacher bench-rl clean
 
 $(BIN)/.installed: pyproject.toml requirements-data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +57,15 @@ ui: install
 
 ui-stop:
 	bash infra/start_servers.sh stop
+
+# the `champion` alias of the profile's registered reranker over HTTP on 127.0.0.1:$(SERVE_PORT)
+SERVE_PORT ?= 5001
+serve: install
+	$(BIN)/gr2 serve --profile $(PROFILE) --port $(SERVE_PORT)
+
+# docs/img/*.png from the servers of `make ui` (headless Chromium: apt-get install chromium)
+screenshots:
+	bash infra/screenshots.sh
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "infra" / "configs"
 
@@ -446,6 +447,56 @@ class EvalConfig(StageConfig):
     seed: int = 0
 
 
+class RegistryConfig(StageConfig):
+    """The run's reranker in the MLflow model registry: registration as `challenger`, then
+    promotion to `champion` when it is not worse (docs/registry.md)."""
+
+    enabled: bool = Field(True, description="Register the run's reranker and run the promotion.")
+    model_name: str = Field("gr2-reranker", description="Registered model name.")
+    candidate: Literal[
+        "auto",
+        "midtrain",
+        "sft_targeted",
+        "sft_rejection",
+        "rl_rejection",
+        "rl_targeted",
+        "rl_unconditional",
+    ] = Field(
+        "auto",
+        description="Which trained model of the run to register; auto: the most trained of "
+        "rl_rejection, rl_targeted, sft_rejection, sft_targeted, midtrain (never the "
+        "unconditional-reward ablation).",
+    )
+    promote: bool = Field(True, description="Run the promotion task after registration.")
+    max_invalid_rate: float = Field(
+        0.2, ge=0, le=1, description="Highest invalid-answer rate a champion may have."
+    )
+    max_identity_rate: float = Field(
+        0.5, ge=0, le=1, description="Highest share of answers that repeat the input order."
+    )
+    metrics: list[str] = Field(
+        default_factory=lambda: ["recall@5", "ndcg@5"],
+        description="Metrics on which the challenger must not be worse (recall@K, ndcg@K).",
+    )
+    margin: float = Field(0.0, ge=0, description="Tolerated loss on each gated metric.")
+    non_inferiority: bool = Field(
+        False,
+        description="Stricter rule: the difference's CI must lie above -margin (default: it "
+        "must not lie entirely below it).",
+    )
+    bootstrap_samples: int = Field(1000, ge=10)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if not re.fullmatch(r"(recall|ndcg)@[1-9]\d*", m)]
+        if bad:
+            raise ValueError(f"registry.metrics {bad}: use recall@K or ndcg@K")
+        return v
+
+
 class TrackingConfig(StageConfig):
     """Where runs are recorded. Empty tracking_uri means SQLite under the artifacts root."""
 
@@ -474,6 +525,29 @@ class PipelineConfig(StageConfig):
     rl: RLConfig = RLConfig()
     evaluation: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    def trained_rerankers(self) -> list[str]:
+        """The reranker stages this config trains, in pipeline order."""
+        return [f"sft_{m}" for m in self.teacher.modes] + [f"rl_{v}" for v in self.rl.variants]
+
+    def registry_candidate(self) -> str:
+        """The stage whose model `registry` registers (resolves `auto`)."""
+        if self.registry.candidate != "auto":
+            return self.registry.candidate
+        trained = set(self.trained_rerankers())
+        order = ["rl_rejection", "rl_targeted", "sft_rejection", "sft_targeted"]
+        return next((s for s in order if s in trained), "midtrain")
+
+    @model_validator(mode="after")
+    def _candidate_is_trained(self) -> PipelineConfig:
+        c = self.registry.candidate
+        if c not in ("auto", "midtrain") and c not in self.trained_rerankers():
+            raise ValueError(
+                f"registry.candidate {c!r} is not trained by this config (trained: "
+                f"{self.trained_rerankers() or 'none'}); pick one of those, midtrain or auto"
+            )
+        return self
 
     @model_validator(mode="after")
     def _rl_needs_its_sft(self) -> PipelineConfig:

@@ -3,6 +3,9 @@
 gr2 run --profile demo                      # the embedded default
 gr2 run --config my.yaml --set preranker.epochs=3
 gr2 ctc --profile demo [--doc docs/results.md] # the CTC summarization experiments
+gr2 promote --profile demo [--version N]      # challenger (or version N) vs champion
+gr2 rollback --profile demo                  # champion back to previous-champion
+gr2 serve --profile demo [--port 5001]       # serve the champion over HTTP (MLflow scoring server)
 gr2 validate --interactions i.csv --items items.csv [--users users.csv]
 gr2 profiles
 """
@@ -57,6 +60,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         note = f"Command: `{command}` (flow wall time {seconds:.0f} s on {os.cpu_count()} cores)."
         replace_section(Path(args.doc), heading, f"{note}\n\n{body}", "Results")
         print(f"Wrote section '{heading}' of {args.doc}")
+        if result.get("reranker_report"):
+            heading = f"Rerankers, {config.data.dataset} (profile {config.profile})"
+            text = (
+                f"Command: `{command}`. Every trained reranker of the run and the pre-ranker "
+                "order on the same slates (`sft.eval_slates` per split): conditional = slates "
+                "that contain the target; end_to_end = all slates (the pre-ranker's coverage x "
+                "conditional). Value [95% bootstrap CI]; invalid answers count as misses; "
+                "seconds = generation time per slate. `constrained`: the list decoded as a "
+                "permutation of the slate (what the registered model serves).\n\n"
+                f"{result['reranker_report']}"
+            )
+            replace_section(Path(args.doc), heading, text, "Results")
+            print(f"Wrote section '{heading}' of {args.doc}")
     if result.get("midtrain_report"):
         print(result["midtrain_report"])
     if args.midtrain_doc and result.get("midtrain_report"):
@@ -211,6 +227,56 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace):
+    from data_contracts.config import load_profile
+
+    return load_profile(args.config or args.profile, _parse_sets(args.set))
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from flows.registry import gr2_promote
+
+    print(gr2_promote(_config(args), args.version or ""))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from tasks.registry import CHAMPION, rollback
+    from tasks.tracking import resolve_uri
+
+    config = _config(args)
+    try:
+        old, new = rollback(resolve_uri(config), config.registry.model_name)
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"{config.registry.model_name}: {CHAMPION} moved from version {old} back to {new}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Replace this process with `mlflow models serve` on the alias (no extra environment)."""
+    from tasks.tracking import resolve_uri
+
+    config = _config(args)
+    uri = f"models:/{config.registry.model_name}@{args.alias}"
+    bindir = str(Path(sys.executable).parent)
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": resolve_uri(config),
+        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",  # the server runs uvicorn
+    }
+    print(f"serving {uri} from {env['MLFLOW_TRACKING_URI']} on http://{args.host}:{args.port}")
+    print(
+        f"  curl -s http://{args.host}:{args.port}/invocations -H 'Content-Type: application/json' "
+        '-d \'{"dataframe_records": [{"history": ["1", "2"], "candidates": ["3", "4", "5"]}]}\''
+    )
+    mlflow = str(Path(bindir) / "mlflow")
+    cmd = [mlflow, "models", "serve", "-m", uri, "--env-manager", "local"]
+    cmd += ["-h", args.host, "-p", str(args.port), "--workers", "1"]
+    os.execve(mlflow, cmd, env)
+    return 0  # not reached
+
+
 def cmd_profiles(_: argparse.Namespace) -> int:
     from data_contracts.config import PROFILES_DIR
     from data_contracts.ctc import CTC_PROFILES_DIR
@@ -256,6 +322,22 @@ def main(argv: list[str] | None = None) -> int:
     ctc.add_argument("--refresh", action="store_true", help="ignore cached stage results")
     ctc.add_argument("--doc", help="also write the results table as a section of this file")
     ctc.set_defaults(func=cmd_ctc)
+    for name, func, text in (
+        ("promote", cmd_promote, "decide on the challenger (or --version) against the champion"),
+        ("rollback", cmd_rollback, "move the champion alias back to previous-champion"),
+        ("serve", cmd_serve, "serve a registered reranker alias over HTTP (127.0.0.1)"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--profile", default="demo", help="the profile whose registry to use")
+        cmd.add_argument("--config", help="a YAML config file (overrides --profile)")
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        cmd.set_defaults(func=func)
+        if name == "promote":
+            cmd.add_argument("--version", help="registered version (default: the challenger)")
+        if name == "serve":
+            cmd.add_argument("--alias", default="champion")
+            cmd.add_argument("--host", default="127.0.0.1")
+            cmd.add_argument("--port", type=int, default=5001)
     val = sub.add_parser("validate", help="check your own data files against the contracts")
     val.add_argument("--interactions", required=True)
     val.add_argument("--items", required=True)

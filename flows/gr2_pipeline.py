@@ -15,6 +15,7 @@ from tasks.data import load_data
 from tasks.evaluate import evaluate_baselines, publish
 from tasks.midtrain import evaluate_midtrain, midtrain, provision_student
 from tasks.preranker import generate_candidates, train_preranker
+from tasks.registry import promote, register_reranker
 from tasks.reranker_eval import evaluate_reranker
 from tasks.rl import rl
 from tasks.semantic_ids import build_semantic_ids, embed_items
@@ -32,7 +33,8 @@ DEMO = load_profile("demo")  # the form's defaults in the Prefect UI
 def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
     """Data, split, pre-ranker, slates, baselines, item embeddings, semantic IDs, student,
     SID mid-training and its evaluation, teacher traces, SFT per trace mode and its evaluation,
-    DAPO per RL variant and its evaluation."""
+    DAPO per RL variant and its evaluation; the run's reranker registered as `challenger` in
+    the MLflow registry and promoted to `champion` if it is not worse."""
     tracking = start_tracking(config, FLOW_NAME)
     data = load_data(config, tracking)
     split = split_sequences(config, data, tracking)
@@ -54,15 +56,28 @@ def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
         traces = generate_traces(config, data, split, semantic_ids, candidates, tracking)
         stages.append(traces)
     slates = (data, split, semantic_ids, candidates)  # what a reranker is trained/evaluated on
-    tuned = {}
+    tuned, trained = {}, {}  # trained: reranker stage -> (model, its evaluation)
     for mode in modes:
         tuned[mode] = sft(config, mode, data, split, semantic_ids, traces, midtrained, tracking)
         scored = evaluate_reranker(config, f"sft_eval_{mode}", *slates, tuned[mode], tracking)
         stages += [tuned[mode], scored]
+        trained[f"sft_{mode}"] = (tuned[mode], scored)
     for variant in config.rl.variants:  # each starts from its SFT model (checked by the config)
         policy = rl(config, variant, *slates, tuned[RL_SFT_MODE[variant]], tracking)
         scored = evaluate_reranker(config, f"rl_eval_{variant}", *slates, policy, tracking)
         stages += [policy, scored]
+        trained[f"rl_{variant}"] = (policy, scored)
+    if config.registry.enabled:
+        candidate = config.registry_candidate()
+        if candidate == "midtrain":  # no SFT in this run: the mid-trained student reranks
+            stage = "midtrain_rerank_eval"
+            scored = evaluate_reranker(config, stage, *slates, midtrained, tracking)
+            stages.append(scored)
+            trained["midtrain"] = (midtrained, scored)
+        model, scored = trained[candidate]
+        registered = register_reranker(config, model, scored, *slates, tracking)
+        if config.registry.promote:
+            promote(config, registered, tracking)
     return publish(config, tracking, stages)
 
 

@@ -132,3 +132,37 @@ def summarizer_bars(table, path: Path) -> plt.Figure:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return fig
+
+
+def reranker_bars(table, path: Path, split: str = "test") -> plt.Figure:
+    """R@5, NDCG@5 (95% CI, conditional and end to end) and invalid/identity rates per reranker
+    on one split, from the long evaluation table (method, split, mode, metric, value, ci_*)."""
+    rows = table.filter(table["split"] == split)
+    methods = list(dict.fromkeys(rows["method"].to_list()))
+    panels = [
+        ("conditional", ["recall@5", "ndcg@5"], "conditional (target in slate)"),
+        ("end_to_end", ["recall@5", "ndcg@5"], "end to end (all slates)"),
+        ("conditional", ["invalid_rate", "identity_rate"], "answer rates"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 0.45 * len(methods) + 2))
+    height = 0.8 / 2
+    for ax, (mode, metrics, title) in zip(axes, panels, strict=True):
+        for j, metric in enumerate(metrics):
+            ys, xs, lo, hi = [], [], [], []
+            for i, method in enumerate(methods):
+                hit = rows.filter(
+                    (rows["method"] == method) & (rows["mode"] == mode) & (rows["metric"] == metric)
+                )
+                if hit.height:
+                    ys.append(i + j * height)
+                    xs.append(hit["value"][0])
+                    lo.append(hit["value"][0] - hit["ci_low"][0])
+                    hi.append(hit["ci_high"][0] - hit["value"][0])
+            ax.barh(ys, xs, height, xerr=[lo, hi], capsize=2, label=metric)
+        ax.set_yticks([i + height / 2 for i in range(len(methods))], methods, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{title}, {split}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig

@@ -53,6 +53,14 @@ def score_answers(
     }
 
 
+def coverage(slates: pl.DataFrame, split: str) -> tuple[float, int]:
+    """(share of `split`'s slates that contain their target, number of slates)."""
+    pool = slates.filter(pl.col("split") == split)
+    if pool.is_empty():
+        return 0.0, 0
+    return float(pool["target_rank"].is_not_null().mean()), pool.height
+
+
 def reranker_table(
     method: str,
     split: str,
@@ -61,14 +69,26 @@ def reranker_table(
     samples: int,
     confidence: float,
     seed: int,
+    cover: tuple[float, int] | None = None,
 ) -> pl.DataFrame:
-    """Long table (method, split, mode, metric, value, ci_low, ci_high, n): R@1, R@5, NDCG@5 and
-    the per-slate `extra` rates (invalid, identity, latency), with bootstrap CIs."""
-    values = per_sample_metrics(ranks, (1, 5), (5,))
+    """Long table (method, split, mode, metric, value, ci_low, ci_high, n): R@1/5/10,
+    NDCG@5/10 and the per-slate `extra` rates (invalid, identity, latency), with bootstrap CIs,
+    on conditional slates; with `cover` = (coverage, slates) also end to end.
+
+    A slate without its target scores 0 whatever the reranker does, so the end-to-end value of
+    a ranking metric is coverage x its conditional value (and so are its CI bounds; the
+    coverage, measured on all slates of the split, is taken as exact)."""
+    values = per_sample_metrics(ranks, (1, 5, 10), (5, 10))
     values.pop("mrr")
+    ranking = list(values)
     values |= extra
     stats = bootstrap_ci(values, samples, confidence, seed)
     rows = [(method, split, "conditional", m, *v, len(ranks)) for m, v in stats.items()]
+    if cover is not None:
+        share, total = cover
+        rows += [
+            (method, split, "end_to_end", m, *(share * x for x in stats[m]), total) for m in ranking
+        ]
     return pl.DataFrame(
         rows,
         schema=["method", "split", "mode", "metric", "value", "ci_low", "ci_high", "n"],
@@ -76,4 +96,5 @@ def reranker_table(
     )
 
 
-METRICS = ["recall@1", "recall@5", "ndcg@5", "invalid_rate", "identity_rate", "seconds"]
+METRICS = ["recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"]
+METRICS += ["invalid_rate", "identity_rate", "seconds"]

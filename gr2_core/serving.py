@@ -8,8 +8,8 @@ at every start). On a GPU machine the same command runs from a `pip install vllm
 llama.cpp's server (`llama-cpp-python[server]`) serves a GGUF file with one process.
 
 `ManagedServer` is a context manager: it starts the process in its own session (so a stop takes
-its workers too), waits until `/health` (or `/v1/models`) answers, fails with the tail of the
-server's log if the process dies or the wait times out, and stops it on exit.
+its workers too), waits until `/health` or `/v1/models` (or its `health_paths`) answers, fails
+with the tail of the server's log if the process dies or the wait times out, and stops it on exit.
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ class ManagedServer:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     start_timeout_s: float = 300.0
+    health_paths: tuple[str, ...] = ("/health", "/v1/models")  # first 200 = up
     process: subprocess.Popen | None = None
 
     @property
@@ -126,7 +127,7 @@ class ManagedServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def healthy(self) -> bool:
-        for path in ("/health", "/v1/models"):
+        for path in self.health_paths:
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=2).status_code == 200:
                     return True

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make ui`: start a real Prefect server and a real MLflow server on 127.0.0.1, on the same
-# databases that `make run` writes (var/prefect, var/mlflow.db), and print their URLs.
-# `make ui-stop` (this script with `stop`) stops them.
+# databases that `make run` writes (var/prefect, var/mlflow.db), apply the deployments of
+# infra/prefect.yaml and start a process worker on the `gr2-process` pool (so a run started
+# in the UI executes), and print the URLs. `make ui-stop` (this script with `stop`) stops all.
 # Ports: PREFECT_PORT (default 4200), MLFLOW_PORT (default 5000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ mkdir -p "$RUN" "$VAR/mlartifacts"
 export PREFECT_HOME=${PREFECT_HOME:-$VAR/prefect}
 
 stop() {
-  for name in prefect mlflow; do
+  for name in worker prefect mlflow; do
     if [ -f "$RUN/$name.pid" ]; then
       pid=$(cat "$RUN/$name.pid")
       kill -- -"$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
@@ -50,9 +51,17 @@ if ! curl -fsS "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null 2>&1; then
 fi
 wait_for "http://127.0.0.1:$PREFECT_PORT/api/health" prefect 90
 wait_for "http://127.0.0.1:$MLFLOW_PORT/health" mlflow 90
+export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api
+bash infra/deploy.sh > "$RUN/deploy.log" 2>&1 || { echo "deploy failed; see $RUN/deploy.log" >&2; exit 1; }
+if ! { [ -f "$RUN/worker.pid" ] && kill -0 "$(cat "$RUN/worker.pid")" 2>/dev/null; }; then
+  GR2_HOME=$PWD setsid "$BIN/prefect" worker start --pool gr2-process --type process \
+    >"$RUN/worker.log" 2>&1 < /dev/null &
+  echo $! > "$RUN/worker.pid"
+fi
 cat <<TXT
-Prefect UI: http://127.0.0.1:$PREFECT_PORT   (flow runs, task states, the gr2-baselines table artifact)
+Prefect UI: http://127.0.0.1:$PREFECT_PORT   (deployments gr2-pipeline, gr2-retrain-weekly, gr2-promote, gr2-ctc; flow runs, table artifacts)
 MLflow UI:  http://127.0.0.1:$MLFLOW_PORT   (experiment gr2-reranker: parent run per flow run, child run per stage)
+Worker:     pool gr2-process (log $RUN/worker.log): Run a deployment from the UI and it executes here
 To send new runs through the servers: export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api
-Stop both: make ui-stop
+Stop all: make ui-stop
 TXT

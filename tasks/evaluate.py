@@ -59,6 +59,30 @@ def evaluate_baselines(
     return STAGE.run(config, [split, candidates], tracking, body)
 
 
+def log_evaluation(tracking: Tracking, table, wide, description: str) -> None:
+    """The rerankers' table (long CSV, wide markdown) and bar plots on the flow's parent run."""
+    import tempfile
+
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    from gr2_core.plots import reranker_bars
+
+    if not tracking.parent_run_id:
+        return
+    client = MlflowClient(tracking.tracking_uri)
+    run_id = tracking.parent_run_id
+    client.log_text(run_id, f"{description}\n\n{to_markdown(wide)}\n", "evaluation/rerankers.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rerankers.csv"
+        table.write_csv(path)
+        client.log_artifact(run_id, str(path), "evaluation")
+        for split in ("valid", "test"):
+            fig = reranker_bars(table, Path(tmp) / f"rerankers_{split}.png", split)
+            client.log_artifact(run_id, str(Path(tmp) / f"rerankers_{split}.png"), "evaluation")
+            plt.close(fig)
+
+
 @task(name="publish")
 def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) -> dict[str, str]:
     """Every run (cached or not): table artifact in Prefect, stage links on the parent run."""
@@ -91,16 +115,19 @@ def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) 
         from gr2_core.rerank_eval import METRICS
 
         table = pl.concat([read(m, "metrics") for m in reranker_evals]).unique(
-            ["method", "split", "metric"], keep="first", maintain_order=True
+            ["method", "split", "mode", "metric"], keep="first", maintain_order=True
         )
-        wide = format_table(table, METRICS).sort("split", "method", descending=[True, False])
+        wide = format_table(table, METRICS).sort(
+            "split", "mode", "method", descending=[True, False, False]
+        )
         reranker_report = to_markdown(wide)
-        create_table_artifact(
-            wide.to_dicts(),
-            key="gr2-rerankers",
-            description=f"SFT and RL rerankers vs the pre-ranker on conditional slates, "
-            f"{config.data.dataset} ({config.profile}): value [95% CI]",
+        description = (
+            f"Every trained reranker vs the pre-ranker order, {config.data.dataset} "
+            f"({config.profile}): conditional (target in the slate) and end to end, "
+            "value [95% bootstrap CI]"
         )
+        create_table_artifact(wide.to_dicts(), key="gr2-rerankers", description=description)
+        log_evaluation(tracking, table, wide, description)
     traces = next((m for m in stages if m.stage == "traces"), None)
     return {
         "reranker_report": reranker_report,

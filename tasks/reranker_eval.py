@@ -34,6 +34,7 @@ EVAL = {
         lambda c: _prompt_settings(c) | {"evaluation": c.evaluation.digest()},
     )
     for name in (
+        "midtrain_rerank_eval",  # the mid-trained student as reranker (no SFT in the run)
         "sft_eval_targeted",
         "sft_eval_rejection",
         "rl_eval_rejection",
@@ -74,6 +75,7 @@ def evaluation_body(
         tables, answers, metrics = [], [], {}
         for split_name in ("valid", "test"):
             rows = rev.eval_slates(slates, split_name, cfg.eval_slates, cfg.seed)
+            cover = rev.coverage(slates, split_name)
             prompts = [_messages(r, cat, config, cowatch) for r in rows.iter_rows(named=True)]
 
             def progress(done: int, total: int, s: str = split_name) -> None:
@@ -109,6 +111,7 @@ def evaluation_body(
                         ev.bootstrap_samples,
                         ev.confidence,
                         ev.seed,
+                        cover,
                     )
                 )
                 answers += [
@@ -139,19 +142,21 @@ def evaluation_body(
                     ev.bootstrap_samples,
                     ev.confidence,
                     ev.seed,
+                    cover,
                 )
             )
         table = pl.concat(tables)
         for r in table.iter_rows(named=True):
-            metrics[f"{r['split']}/{r['method']}.{r['metric']}"] = r["value"]
+            mode = "" if r["mode"] == "conditional" else f"{r['mode']}."
+            metrics[f"{r['split']}/{r['method']}.{mode}{r['metric']}"] = r["value"]
         table.write_parquet(work / "metrics.parquet")
         pl.DataFrame(answers).write_parquet(work / "answers.parquet")
         pretty = format_table(table, rev.METRICS)
         markdown = (
             f"# {label} reranker vs the pre-ranker, {config.data.dataset} ({config.profile})"
-            f"\n\nconditional slates (target in the slate), value [95% bootstrap CI]; invalid "
-            f"answers count as misses; seconds = generation time per slate at batch "
-            f"{cfg.eval_batch_size}\n\n{to_markdown(pretty)}\n"
+            f"\n\nconditional: slates with the target; end_to_end: all slates (coverage x "
+            f"conditional); value [95% bootstrap CI]; invalid answers count as misses; seconds = "
+            f"generation time per slate at batch {cfg.eval_batch_size}\n\n{to_markdown(pretty)}\n"
         )
         (work / "metrics.md").write_text(markdown)
         run.log_text(markdown, "metrics.md")
@@ -180,7 +185,8 @@ def evaluate_reranker(
     tracking: Tracking,
 ) -> Manifest:
     """R@1, R@5, NDCG@5, invalid and identity rates, latency of the reranker trained by the
-    `model` stage vs the pre-ranker order. `stage`: `sft_eval_<mode>` or `rl_eval_<variant>`."""
+    `model` stage vs the pre-ranker order. `stage`: `sft_eval_<mode>`, `rl_eval_<variant>` or
+    `midtrain_rerank_eval`."""
     if stage not in EVAL:
         raise ValueError(f"unknown evaluation stage {stage!r}; known: {sorted(EVAL)}")
     label = model.stage.replace("_", "-", 1)  # sft_targeted -> sft-targeted

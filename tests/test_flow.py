@@ -68,7 +68,8 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     children = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert sorted(c.data.tags["gr2.stage"] for c in children) == sorted(STAGES + TEACHER_STAGES)
+    expected = STAGES + TEACHER_STAGES + ["register"]
+    assert sorted(c.data.tags["gr2.stage"] for c in children) == sorted(expected)
     by_stage = {c.data.tags["gr2.stage"]: c for c in children}
     assert all(c.info.status == "FINISHED" for c in children)
     assert by_stage["data"].inputs.dataset_inputs, "input datasets logged with mlflow.data"
@@ -118,11 +119,19 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     }
     rl_eval = by_stage["rl_eval_targeted"].data.metrics
     assert 0 <= rl_eval["rl_eval_targeted/test/rl-targeted.invalid_rate"] <= 1
+    # the run's most trained reranker is registered (pyfunc in the register run) and decided on
+    uri = ci_config.tracking.tracking_uri
+    registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (version,) = registry.search_model_versions("name = 'gr2-reranker'")
+    assert version.tags["gr2.variant"] == "rl_targeted"
+    assert version.run_id == by_stage["register"].info.run_id
+    assert version.tags["gr2.promotion.decision"] in ("promoted", "refused")
 
     # same config again: every stage is a cache hit (no server is started)
     state2, _, states2 = _run(ci_config)
     assert state2.is_completed()
     assert {states2[s] for s in STAGES + TEACHER_STAGES} == {"Cached"}, states2
+    assert len(registry.search_model_versions("name = 'gr2-reranker'")) == 1, "registered once"
 
     # only the pre-ranker changes: data and split stay cached, the rest re-runs (no teacher)
     changed = ci_config.model_copy(

@@ -155,6 +155,15 @@ def test_answers_are_scored_strictly():
     assert values["recall@1"] == 0.25 and values["recall@5"] == 0.5
     assert values["ndcg@5"] == pytest.approx((1 + 1 / np.log2(3)) / 4)
     assert values["invalid_rate"] == 0.5
+    # end to end: a slate without its target is a miss for any reranker -> coverage x value
+    slates_all = pl.DataFrame({"split": ["test"] * 4, "target_rank": [1, None, 3, None]})
+    cover = rerank_eval.coverage(slates_all, "test")
+    assert cover == (0.5, 4)
+    both = rerank_eval.reranker_table("m", "test", out["ranks"], {}, 50, 0.95, 0, cover)
+    e2e = both.filter(pl.col("mode") == "end_to_end")
+    assert set(e2e["metric"]) == {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    r5 = e2e.filter(pl.col("metric") == "recall@5").row(0, named=True)
+    assert r5["value"] == 0.25 and r5["n"] == 4 and r5["ci_high"] <= 0.5
 
 
 def test_constrained_answer_is_a_permutation_of_the_slate(tiny, tmp_path):

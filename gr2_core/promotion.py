@@ -1,0 +1,171 @@
+"""Challenger vs champion on one frozen evaluation set: the promotion rule.
+
+Both models are scored slate by slate on the same slates (the set's digest must match; a
+champion scored on another set is re-scored first). The challenger is promoted when
+
+- its invalid rate and identity rate are at most the configured limits, and
+- on every gated metric (default R@5 and NDCG@5) it is not worse than the champion: the paired
+  bootstrap interval of (challenger - champion), over slates, does not lie entirely below
+  `-margin`. With `non_inferiority` the rule is stricter: the interval's lower end must be at
+  least `-margin`, so a small evaluation set cannot promote by lack of evidence.
+
+The first model (no champion yet) is promoted when its rates are within the limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from gr2_core.metrics import ndcg_at_k, recall_at_k
+
+SLATE_RESULTS = ["job", "rank", "invalid", "identity"]
+
+
+def frozen_set_digest(rows: pl.DataFrame) -> str:
+    """Content digest of an evaluation set: its slates' users, positions, histories,
+    candidates and targets, in a canonical order."""
+    cols = ["user_id", "position", "history", "candidates", "target"]
+    ordered = rows.select(cols).sort("user_id", "position")
+    payload = json.dumps(ordered.to_dicts(), sort_keys=True, default=str).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def job_ids(rows: pl.DataFrame) -> list[str]:
+    return [f"{u}:{p}" for u, p in zip(rows["user_id"], rows["position"], strict=True)]
+
+
+def slate_results(
+    jobs: list[str], ranks: np.ndarray, invalid: np.ndarray, identity: np.ndarray
+) -> pl.DataFrame:
+    """Per slate of the frozen set: target rank (0 = miss or invalid), invalid and identity."""
+    return pl.DataFrame(
+        {
+            "job": jobs,
+            "rank": np.asarray(ranks, dtype=np.int64),
+            "invalid": np.asarray(invalid, dtype=np.float64),
+            "identity": np.asarray(identity, dtype=np.float64),
+        }
+    )
+
+
+def metric_values(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """Per-slate values of `recall@K` or `ndcg@K`."""
+    name, _, k = metric.partition("@")
+    if name == "recall" and k.isdigit():
+        return recall_at_k(ranks, int(k))
+    if name == "ndcg" and k.isdigit():
+        return ndcg_at_k(ranks, int(k))
+    raise ValueError(f"unknown gated metric {metric!r}; use recall@K or ndcg@K")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The promotion rule's settings (see the module docstring)."""
+
+    max_invalid_rate: float = 0.2
+    max_identity_rate: float = 0.5
+    metrics: tuple[str, ...] = ("recall@5", "ndcg@5")
+    margin: float = 0.0
+    non_inferiority: bool = False
+    samples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class Decision:
+    """The outcome, its reasons, and one row per check (for tags and the markdown report)."""
+
+    promote: bool
+    reasons: list[str]
+    checks: list[dict] = field(default_factory=list)
+
+    def markdown(self, title: str) -> str:
+        verdict = "**promoted**" if self.promote else "**refused**"
+        lines = [f"# {title}", "", f"Decision: {verdict}", ""]
+        lines += [f"- {r}" for r in self.reasons]
+        lines += ["", "| check | challenger | champion | difference [CI] | limit | pass |"]
+        lines += ["| --- | --- | --- | --- | --- | --- |"]
+        for c in self.checks:
+            champ = "" if c["champion"] is None else f"{c['champion']:.4f}"
+            diff = ""
+            if c.get("diff") is not None:
+                diff = f"{c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+            mark = "yes" if c["pass"] else "no"
+            ours = f"{c['challenger']:.4f}"
+            lines.append(f"| {c['check']} | {ours} | {champ} | {diff} | {c['limit']} | {mark} |")
+        return "\n".join(lines) + "\n"
+
+
+def _aligned(challenger: pl.DataFrame, champion: pl.DataFrame) -> pl.DataFrame:
+    a, b = set(challenger["job"]), set(champion["job"])
+    if a != b:
+        raise ValueError(
+            f"challenger and champion were scored on different slates ({len(a - b)} only in the "
+            f"challenger's, {len(b - a)} only in the champion's); score both on one frozen set"
+        )
+    return challenger.join(champion, on="job", suffix="_champion")
+
+
+def decide(challenger: pl.DataFrame, champion: pl.DataFrame | None, gate: Gate) -> Decision:
+    """Apply the rule to per-slate results (`slate_results` tables) of the frozen set."""
+    if challenger.is_empty():
+        raise ValueError("the challenger has no evaluated slates; nothing to decide on")
+    checks, reasons = [], []
+    for rate, limit in (("invalid", gate.max_invalid_rate), ("identity", gate.max_identity_rate)):
+        value = float(challenger[rate].mean())
+        champ = None if champion is None else float(champion[rate].mean())
+        ok = value <= limit
+        row = {"check": f"{rate}_rate", "challenger": value, "champion": champ}
+        checks.append(row | {"limit": f"<= {limit}", "pass": ok})
+        if not ok:
+            reasons.append(f"{rate} rate {value:.3f} is above the limit {limit}")
+    if champion is None:
+        reasons.insert(0, "no champion yet: the rate limits alone decide")
+        for metric in gate.metrics:
+            value = float(metric_values(challenger["rank"].to_numpy(), metric).mean())
+            checks.append(
+                {"check": metric, "challenger": value, "champion": None, "limit": ""}
+                | {"pass": True}
+            )
+    else:
+        both = _aligned(challenger, champion)
+        rng = np.random.default_rng(gate.seed)
+        n = both.height
+        idx = rng.integers(0, n, size=(gate.samples, n))
+        alpha = (1 - gate.confidence) / 2
+        for metric in gate.metrics:
+            ours = metric_values(both["rank"].to_numpy(), metric)
+            theirs = metric_values(both["rank_champion"].to_numpy(), metric)
+            diff = ours - theirs
+            lo, hi = np.quantile(diff[idx].mean(axis=1), [alpha, 1 - alpha])
+            if gate.non_inferiority:
+                ok, limit = bool(lo >= -gate.margin), f"CI low >= -{gate.margin:g}"
+            else:
+                ok, limit = bool(hi >= -gate.margin), f"CI high >= -{gate.margin:g}"
+            checks.append(
+                {
+                    "check": metric,
+                    "challenger": float(ours.mean()),
+                    "champion": float(theirs.mean()),
+                    "diff": float(diff.mean()),
+                    "ci_low": float(lo),
+                    "ci_high": float(hi),
+                    "limit": limit,
+                    "pass": ok,
+                }
+            )
+            if not ok:
+                reasons.append(
+                    f"{metric} is worse than the champion's: difference {diff.mean():+.4f} "
+                    f"[{lo:+.4f}, {hi:+.4f}] over {n} slates"
+                )
+    promote = all(c["pass"] for c in checks)
+    if promote:
+        reasons.append("every check passed")
+    return Decision(promote, reasons, checks)

@@ -1,0 +1,204 @@
+"""A trained GR2 reranker as one self-contained folder, and the request path that serves it.
+
+The bundle holds everything a request needs, so serving never reads the pipeline's artifacts:
+
+| file | what |
+| --- | --- |
+| `model/` | the causal LM and its tokenizer (a Hugging Face folder) |
+| `catalogue.json` | per item id: its SID, inline name and caption (the prompt's item lines) |
+| `settings.json` | prompt and decoding settings the model was trained and evaluated with |
+| `train_sequences.parquet` | training interactions, only when the prompt carries co-watch notes |
+
+A request is a user's history and the retriever's candidates (item ids). The prompt is the one of
+SFT and evaluation (`gr2_core.prompts.build_messages` on the last `history_items` items), the
+answer is decoded greedily; with `constrained` the recommendation list is then re-decoded as a
+permutation of the candidates' SIDs (`gr2_core.sft.constrained_answers`), so the list is always
+usable. An answer that fails the filter (`gr2_core.prompts.check_answer`) is reported as
+`valid = False` with its reason, and its list falls back to the input order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from gr2_core.midtrain import Catalogue
+from gr2_core.prompts import build_messages, check_answer
+
+
+class RerankRequestError(ValueError):
+    """A request the reranker cannot answer; the message names the row, the field and the value."""
+
+
+@dataclass(frozen=True)
+class RerankSettings:
+    """What the bundled model expects: prompt shape and decoding."""
+
+    variant: str
+    history_items: int = 10
+    knowledge: bool = True
+    cowatch_notes: bool = True
+    max_new_tokens: int = 320
+    constrained: bool = True
+    batch_size: int = 8
+
+
+def save_bundle(
+    folder: Path,
+    model_dir: Path,
+    cat: Catalogue,
+    settings: RerankSettings,
+    sequences: pl.DataFrame | None = None,
+) -> Path:
+    """Write a reranker bundle to `folder` (created; must not exist)."""
+    folder.mkdir(parents=True)
+    shutil.copytree(model_dir, folder / "model")
+    catalogue = {"sid": cat.sid, "name": cat.name, "caption": cat.caption}
+    (folder / "catalogue.json").write_text(json.dumps(catalogue, ensure_ascii=False))
+    (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    if settings.cowatch_notes:
+        if sequences is None:
+            raise ValueError("settings.cowatch_notes needs the training sequences")
+        sequences.select("user_id", "items", "n").write_parquet(folder / "train_sequences.parquet")
+    return folder
+
+
+def check_request(
+    row: int, history: object, candidates: object, known: Mapping[str, str]
+) -> tuple[list[str], list[str]]:
+    """Validate one request; returns (history, candidates) as lists of item ids."""
+
+    def items(field: str, value: object) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str) or not isinstance(value, Sequence | np.ndarray):
+            raise RerankRequestError(
+                f"row {row}: field '{field}' must be a list of item ids, got "
+                f"{type(value).__name__} {str(value)[:80]!r}"
+            )
+        out = [str(v) for v in value]
+        unknown = [v for v in out if v not in known]
+        if unknown:
+            raise RerankRequestError(
+                f"row {row}: unknown item id(s) in '{field}': {unknown[:5]}"
+                + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+                + " (not in the model's catalogue)"
+            )
+        return out
+
+    hist, cands = items("history", history), items("candidates", candidates)
+    if not cands:
+        raise RerankRequestError(f"row {row}: field 'candidates' is empty; nothing to rerank")
+    dupes = sorted({c for c in cands if cands.count(c) > 1})
+    if dupes:
+        raise RerankRequestError(f"row {row}: duplicate item id(s) in 'candidates': {dupes[:5]}")
+    return hist, cands
+
+
+class Reranker:
+    """A loaded bundle: `rerank` answers requests, `messages` builds their prompts."""
+
+    def __init__(self, folder: Path, device: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = Path(folder)
+        raw = json.loads((folder / "catalogue.json").read_text())
+        self.cat = Catalogue(raw["sid"], raw["name"], raw["caption"])
+        self.settings = RerankSettings(**json.loads((folder / "settings.json").read_text()))
+        self.tok = AutoTokenizer.from_pretrained(folder / "model")
+        self.model = AutoModelForCausalLM.from_pretrained(folder / "model").eval()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device != "cpu":
+            self.model = self.model.to(device, dtype=torch.bfloat16)
+        self.valid_sids = frozenset(self.cat.sid.values())
+        self.cowatch = None
+        if self.settings.cowatch_notes:
+            from gr2_core.traces import CoWatch
+
+            self.cowatch = CoWatch(pl.read_parquet(folder / "train_sequences.parquet"))
+
+    def messages(self, user_id: str, history: Sequence[str], candidates: Sequence[str]) -> list:
+        """The chat prompt of one slate, as SFT and evaluation build it."""
+        s = self.settings
+        history = list(history)[-s.history_items :]
+        notes = self.cowatch.notes(user_id, history, candidates) if self.cowatch else None
+        return build_messages(history, candidates, self.cat, s.knowledge, notes)
+
+    def rerank(
+        self,
+        histories: Sequence[object],
+        candidates: Sequence[object],
+        user_ids: Sequence[str] | None = None,
+    ) -> list[dict]:
+        """One answer per request: `recommendations` (item ids, best first), `explanation`,
+        `valid` and `reason` (the filter's verdict on the model's answer), `seconds`."""
+        from gr2_core.sft import constrained_answers, generate_answers
+
+        requests = [
+            check_request(i, h, c, self.cat.sid)
+            for i, (h, c) in enumerate(zip(histories, candidates, strict=True))
+        ]
+        users = [str(u) if u is not None else "" for u in (user_ids or [""] * len(requests))]
+        prompts = [self.messages(u, h, c) for u, (h, c) in zip(users, requests, strict=True)]
+        s = self.settings
+        start = time.perf_counter()
+        texts, _ = generate_answers(self.model, self.tok, prompts, s.batch_size, s.max_new_tokens)
+        slates = [[self.cat.sid[c] for c in cands] for _, cands in requests]
+        if s.constrained:
+            texts, _ = constrained_answers(self.model, self.tok, prompts, slates, texts)
+        took = time.perf_counter() - start
+        out = []
+        for (_, cands), slate, text in zip(requests, slates, texts, strict=True):
+            verdict = check_answer(text, slate, self.valid_sids)
+            by_sid = dict(zip(slate, cands, strict=True))
+            if verdict.accepted:
+                recs = [by_sid[sid] for sid in verdict.answer.recommendations]
+            else:
+                recs = list(cands)  # the retriever's order: a usable list, flagged invalid
+            explanation = verdict.answer.explanation if verdict.answer is not None else ""
+            out.append(
+                {
+                    "recommendations": recs,
+                    "explanation": explanation,
+                    "valid": verdict.accepted,
+                    "reason": verdict.reason,
+                    "seconds": took / len(requests),
+                }
+            )
+        return out
+
+
+def answerable(rows: pl.DataFrame, known: Mapping[str, str], history_items: int) -> list[bool]:
+    """Per slate (history, candidates, target): whether a reranker that knows the items in
+    `known` can answer it: every candidate, the target and the shown history items known."""
+    out = []
+    for history, candidates, target in rows.select("history", "candidates", "target").iter_rows():
+        shown = list(history)[-history_items:]
+        out.append(all(i in known for i in [*shown, *candidates, target]))
+    return out
+
+
+def score_rows(reranker: Reranker, rows: pl.DataFrame) -> pl.DataFrame:
+    """Rerank evaluation slates and score them as the evaluation stage does (an invalid answer
+    is a miss): per-slate target rank, invalid and identity flags (`slate_results`)."""
+    from gr2_core.metrics import rank_of
+    from gr2_core.promotion import job_ids, slate_results
+
+    n = reranker.settings.history_items
+    histories = [list(h)[-n:] for h in rows["history"].to_list()]
+    out = reranker.rerank(histories, rows["candidates"].to_list(), rows["user_id"].to_list())
+    ranks, invalid, identity = [], [], []
+    for answer, row in zip(out, rows.iter_rows(named=True), strict=True):
+        ok = answer["valid"]
+        ranks.append((rank_of(row["target"], answer["recommendations"]) or 0) if ok else 0)
+        invalid.append(0.0 if ok else 1.0)
+        identity.append(float(ok and answer["recommendations"] == list(row["candidates"])))
+    return slate_results(job_ids(rows), np.array(ranks), np.array(invalid), np.array(identity))

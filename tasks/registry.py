@@ -1,0 +1,436 @@
+"""Tasks `register` and `promote`, and rollback: the run's reranker in the MLflow model registry.
+
+`register` packs the candidate model (`registry.candidate`) as a reranker bundle
+(`gr2_core.reranker`), logs it as an MLflow pyfunc (`name="reranker"`, explicit pip requirements,
+signature, input example) in a `register` child run, records the model's per-slate results on the
+frozen evaluation set (the test slates its evaluation stage scored) as run artifacts, and
+registers it as a new version of `registry.model_name` with alias `challenger`. Idempotent: a
+version already registered for the same model and evaluation (tag `gr2.registration_key`) is
+reused and nothing is logged.
+
+`promote` applies `gr2_core.promotion.decide` to the challenger and the `champion`, on the same
+frozen set (a champion scored on another set is re-scored on the challenger's). It records the
+decision as version tags and a markdown report; on promotion the old champion becomes
+`previous-champion` (and the new version's tag `gr2.previous_champion`), so `rollback` is one
+call. A version that already carries a decision is not decided again.
+
+Everything goes through `MlflowClient` with an explicit URI; the two fluent calls that need a
+process URI (`log_model`, `load_model`) run with it pinned (`tasks.midtrain.mlflow_env`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel
+
+import gr2_core.rerank_eval as rev
+from data_contracts.config import PipelineConfig
+from data_contracts.manifest import Manifest
+from gr2_core.promotion import (
+    Decision,
+    Gate,
+    decide,
+    frozen_set_digest,
+    job_ids,
+    metric_values,
+    slate_results,
+)
+from gr2_core.reranker import RerankSettings, answerable, save_bundle, score_rows
+from tasks.data import read
+from tasks.midtrain import _catalogue, mlflow_env
+from tasks.tracking import Tracking, metric_key, stage_run
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+MODEL_NAME = "reranker"  # the logged model's name inside its run
+PYFUNC_FILE = Path(__file__).with_name("reranker_pyfunc.py")
+RESULTS = "frozen_set/results.parquet"
+SLATES = "frozen_set/slates.parquet"
+REPORT_METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
+
+
+class Registered(BaseModel):
+    """A registered reranker version (the `register` task's output)."""
+
+    name: str
+    version: str
+    run_id: str
+    eval_set: str
+    created: bool
+
+
+def client_for(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def serving_requirements() -> list[str]:
+    """Pins of what the pyfunc imports, from this environment (local version suffixes dropped)."""
+    names = ["torch", "transformers", "polars", "pandas", "numpy", "scipy", "pydantic"]
+    return [f"{n}=={importlib.metadata.version(n).split('+')[0]}" for n in names]
+
+
+def frozen_set(config: PipelineConfig, candidates: Manifest) -> pl.DataFrame:
+    """The evaluation set a registered model is judged on: the test slates its evaluation stage
+    scored (`sft.eval_slates`, conditional, drawn with `sft.seed`)."""
+    cfg = config.sft
+    return rev.eval_slates(read(candidates, "slates"), "test", cfg.eval_slates, cfg.seed)
+
+
+def served_method(config: PipelineConfig, model: Manifest) -> str:
+    """The evaluation method the registered model serves: constrained list or free answer."""
+    label = model.stage.replace("_", "-", 1)
+    return f"{label} constrained" if config.sft.constrained_answer else label
+
+
+def evaluation_results(
+    config: PipelineConfig, model: Manifest, evaluation: Manifest, rows: pl.DataFrame, cat
+) -> pl.DataFrame:
+    """Per-slate results of the served method on the frozen set, from the evaluation stage."""
+    method = served_method(config, model)
+    answers = read(evaluation, "answers").filter(
+        (pl.col("split") == "test") & (pl.col("method") == method)
+    )
+    jobs = job_ids(rows)
+    text = dict(zip(answers["job"], answers["text"], strict=True))
+    missing = [j for j in jobs if j not in text]
+    if missing:
+        raise ValueError(
+            f"evaluation {evaluation.directory} has no '{method}' test answer for {len(missing)} "
+            f"frozen-set slates (first: {missing[:3]}); was it run with other sft.eval_slates?"
+        )
+    scored = rev.score_answers([text[j] for j in jobs], rows, cat)
+    return slate_results(jobs, scored["ranks"], scored["invalid"], scored["identity"])
+
+
+def summary(results: pl.DataFrame) -> dict[str, float]:
+    ranks = results["rank"].to_numpy()
+    out = {m: float(metric_values(ranks, m).mean()) for m in REPORT_METRICS}
+    out |= {"invalid_rate": float(results["invalid"].mean())}
+    out |= {"identity_rate": float(results["identity"].mean())}
+    return out
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    strings = Array(DataType.string)
+    inputs = Schema(
+        [
+            ColSpec(strings, "history"),
+            ColSpec(strings, "candidates"),
+            ColSpec(DataType.string, "user_id", required=False),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec(strings, "recommendations"),
+            ColSpec(DataType.string, "explanation"),
+            ColSpec(DataType.boolean, "valid"),
+            ColSpec(DataType.string, "reason"),
+            ColSpec(DataType.double, "seconds"),
+        ]
+    )
+    return ModelSignature(inputs, outputs)
+
+
+def _ensure_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(
+            name,
+            description="GR2 generative reasoning reranker: history + candidates in, the "
+            "candidates reordered with an explanation out. Aliases: champion (serve this), "
+            "challenger (latest registered), previous-champion (rollback target).",
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def find_version(client: MlflowClient, name: str, key: str):
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get("gr2.registration_key") == key:
+            return version
+    return None
+
+
+@task(name="register")
+def register_reranker(
+    config: PipelineConfig,
+    model: Manifest,
+    evaluation: Manifest,
+    data: Manifest,
+    split: Manifest,
+    semantic_ids: Manifest,
+    candidates: Manifest,
+    tracking: Tracking,
+) -> Registered:
+    """Register the run's reranker as a new version with alias `challenger` (idempotent)."""
+    log = get_run_logger()
+    cfg = config.registry
+    client = client_for(tracking.tracking_uri)
+    _ensure_model(client, cfg.model_name)
+    key = f"{model.key}:{evaluation.key}"
+    rows = frozen_set(config, candidates)
+    digest = frozen_set_digest(rows)
+    if (done := find_version(client, cfg.model_name, key)) is not None:
+        log.info("register: %s version %s already holds this model", cfg.model_name, done.version)
+        return Registered(
+            name=cfg.model_name,
+            version=str(done.version),
+            run_id=done.run_id,
+            eval_set=done.tags.get("gr2.eval_set", ""),
+            created=False,
+        )
+    cat = _catalogue(data, semantic_ids)
+    results = evaluation_results(config, model, evaluation, rows, cat)
+    scores = summary(results)
+    t = config.teacher
+    settings = RerankSettings(
+        variant=model.stage,
+        history_items=t.history_items,
+        knowledge=t.knowledge,
+        cowatch_notes=t.cowatch_notes,
+        max_new_tokens=config.sft.max_new_tokens,
+        constrained=config.sft.constrained_answer,
+        batch_size=config.sft.eval_batch_size,
+    )
+    sequences = read(split, "sequences") if t.cowatch_notes else None
+    with stage_run(tracking, "register", key, cfg) as run, tempfile.TemporaryDirectory() as tmp:
+        bundle = save_bundle(Path(tmp) / "reranker", model.path("model"), cat, settings, sequences)
+        run.log_metrics({f"test/{k}": v for k, v in scores.items()})
+        tags = {
+            "gr2.registration_key": key,
+            "gr2.variant": model.stage,
+            "gr2.profile": config.profile,
+            "gr2.dataset": config.data.dataset,
+            "gr2.semantic_ids_dir": semantic_ids.directory,
+            "gr2.parent_run_id": tracking.parent_run_id or "",
+        } | {metric_key(f"gr2.test.{k}"): f"{v:.4f}" for k, v in scores.items()}
+        version = log_and_register(
+            tracking.tracking_uri, run.run_id, cfg.model_name, bundle, rows, results, tags
+        )
+    log.info(
+        "register: %s version %s (%s, alias %s); test R@5 %.3f, NDCG@5 %.3f, invalid %.3f",
+        cfg.model_name,
+        version.version,
+        model.stage,
+        CHALLENGER,
+        scores["recall@5"],
+        scores["ndcg@5"],
+        scores["invalid_rate"],
+    )
+    return Registered(
+        name=cfg.model_name,
+        version=str(version.version),
+        run_id=run.run_id,
+        eval_set=digest,
+        created=True,
+    )
+
+
+def log_and_register(
+    uri: str,
+    run_id: str,
+    name: str,
+    bundle: Path,
+    rows: pl.DataFrame,
+    results: pl.DataFrame,
+    tags: dict[str, str],
+):
+    """Log `bundle` as the pyfunc `reranker` of run `run_id` with the frozen set (`rows`) and
+    the model's per-slate `results` on it, register it as a new version of `name` and point
+    `challenger` at it. Returns the model version."""
+    import mlflow
+    import pandas as pd
+
+    client = client_for(uri)
+    _ensure_model(client, name)
+    with tempfile.TemporaryDirectory() as tmp:
+        for table, path in ((results, RESULTS), (rows, SLATES)):
+            local = Path(tmp) / Path(path).name
+            table.write_parquet(local)
+            client.log_artifact(run_id, str(local), str(Path(path).parent))
+    settings = json.loads((bundle / "settings.json").read_text())
+    first = rows.row(0, named=True)
+    example = pd.DataFrame(
+        {
+            "history": [list(first["history"])[-settings["history_items"] :]],
+            "candidates": [list(first["candidates"])],
+            "user_id": ["new"],
+        }
+    )
+    tags = tags | {"gr2.eval_set": frozen_set_digest(rows), "gr2.eval_slates": str(rows.height)}
+    with mlflow_env(Tracking(tracking_uri=uri, experiment_id=""), run_id):
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(PYFUNC_FILE),
+                artifacts={"reranker": str(bundle)},
+                code_paths=[str(Path(rev.__file__).parent)],
+                pip_requirements=serving_requirements(),
+                signature=_signature(),
+                input_example=example,
+            )
+        version = client.create_model_version(
+            name, info.model_uri, run_id, tags=tags, model_id=info.model_id
+        )
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return version
+
+
+def gate_of(config: PipelineConfig) -> Gate:
+    r = config.registry
+    return Gate(
+        max_invalid_rate=r.max_invalid_rate,
+        max_identity_rate=r.max_identity_rate,
+        metrics=tuple(r.metrics),
+        margin=r.margin,
+        non_inferiority=r.non_inferiority,
+        samples=r.bootstrap_samples,
+        confidence=r.confidence,
+        seed=r.seed,
+    )
+
+
+def _download_table(client: MlflowClient, run_id: str, path: str) -> pl.DataFrame:
+    with tempfile.TemporaryDirectory() as tmp:
+        return pl.read_parquet(client.download_artifacts(run_id, path, tmp))
+
+
+def alias_version(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def champion_results(
+    client: MlflowClient, uri: str, champion, challenger, log
+) -> tuple[pl.DataFrame, str]:
+    """The champion's per-slate results on the challenger's frozen set, and a note. A champion
+    evaluated on another set is re-scored through its pyfunc on the slates it can answer (a
+    slate with an item added since it was trained cannot be); the results are logged to the
+    challenger's run."""
+    if champion.tags.get("gr2.eval_set") == challenger.tags.get("gr2.eval_set"):
+        return _download_table(client, champion.run_id, RESULTS), ""
+    import mlflow
+
+    rows = _download_table(client, challenger.run_id, SLATES)
+    with _use_tracking_uri(uri):
+        loaded = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
+    reranker = loaded.unwrap_python_model().reranker
+    keep = answerable(rows, reranker.cat.sid, reranker.settings.history_items)
+    note = (
+        f"champion version {champion.version} was evaluated on another set: re-scored on "
+        f"{sum(keep)} of the {rows.height} frozen-set slates"
+    )
+    if not all(keep):
+        note += f" ({rows.height - sum(keep)} hold items it does not know)"
+    log.info("promote: %s", note)
+    results = score_rows(reranker, rows.filter(pl.Series(keep))) if any(keep) else None
+    if results is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"champion_v{champion.version}.parquet"
+            results.write_parquet(path)
+            client.log_artifact(challenger.run_id, str(path), "frozen_set")
+    return results, note
+
+
+def promote_version(
+    uri: str, name: str, version: str, gate: Gate, log
+) -> tuple[Decision | None, str]:
+    """Decide on `version` against the champion; move aliases and tag the decision. Returns
+    (decision, markdown); (None, why) when there is nothing to do."""
+    client = client_for(uri)
+    mv = client.get_model_version(name, version)
+    if (done := mv.tags.get("gr2.promotion.decision")) is not None:
+        return None, f"version {version} was already decided ({done}); nothing to do"
+    champion = alias_version(client, name, CHAMPION)
+    if champion is not None and champion.version == mv.version:
+        return None, f"version {version} is already the champion; nothing to do"
+    challenger = _download_table(client, mv.run_id, RESULTS)
+    theirs, note = None, ""
+    if champion is not None:
+        theirs, note = champion_results(client, uri, champion, mv, log)
+        if theirs is None:
+            note += "; nothing to compare, the rate limits alone decide"
+        else:
+            challenger = challenger.filter(pl.col("job").is_in(theirs["job"].implode()))
+    decision = decide(challenger, theirs, gate)
+    if note:
+        decision.reasons.insert(0, note)
+    against = "none" if champion is None else str(champion.version)
+    title = f"Promotion of {name} version {version} against champion {against}"
+    report = decision.markdown(title)
+    tags = {
+        "gr2.promotion.decision": "promoted" if decision.promote else "refused",
+        "gr2.promotion.against": against,
+        "gr2.promotion.reasons": "; ".join(decision.reasons)[:4900],
+        "gr2.promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if decision.promote:
+        if champion is not None:
+            client.set_registered_model_alias(name, PREVIOUS, champion.version)
+            tags["gr2.previous_champion"] = str(champion.version)
+        client.set_registered_model_alias(name, CHAMPION, mv.version)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, mv.version, k, v)
+    client.log_text(mv.run_id, report, "promotion.md")
+    return decision, report
+
+
+@task(name="promote")
+def promote(config: PipelineConfig, registered: Registered, tracking: Tracking) -> str:
+    """Challenger vs champion on the frozen set; moves `champion` only if not worse."""
+    log = get_run_logger()
+    decision, report = promote_version(
+        tracking.tracking_uri, registered.name, registered.version, gate_of(config), log
+    )
+    if decision is None:
+        log.info("promote: %s", report)
+        return report
+    create_markdown_artifact(
+        report,
+        key="gr2-promotion",
+        description=f"Promotion decision for {registered.name} version {registered.version}",
+    )
+    log.info("promote:\n%s", report)
+    return report
+
+
+def rollback(uri: str, name: str) -> tuple[str, str]:
+    """Point `champion` back at `previous-champion`; the version before that (if recorded)
+    becomes the new `previous-champion`. Returns (from version, to version)."""
+    client = client_for(uri)
+    current = alias_version(client, name, CHAMPION)
+    previous = alias_version(client, name, PREVIOUS)
+    if current is None or previous is None:
+        raise RuntimeError(
+            f"{name}: nothing to roll back to (champion: "
+            f"{current.version if current else 'none'}, {PREVIOUS}: "
+            f"{previous.version if previous else 'none'})"
+        )
+    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    older = previous.tags.get("gr2.previous_champion")
+    if older:
+        client.set_registered_model_alias(name, PREVIOUS, older)
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    client.set_model_version_tag(name, current.version, "gr2.rolled_back", stamp)
+    client.set_model_version_tag(name, previous.version, "gr2.restored", stamp)
+    return str(current.version), str(previous.version)

@@ -1,0 +1,199 @@
+"""Deployments end to end against real servers on 127.0.0.1: a Prefect server, a process worker
+and an MLflow tracking server. Deploys infra/prefect.yaml, triggers the pipeline deployment with
+the `ci` profile through the API, checks tracking, registration and promotion (first model
+promoted, a deliberately worse one refused), rollback, idempotence, and serves the champion."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+from mlflow.tracking import MlflowClient
+
+from data_contracts.config import load_profile
+from gr2_core.serving import ManagedServer, free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NAME = "gr2-reranker"
+
+
+def _alias(client: MlflowClient, alias: str) -> str | None:
+    try:
+        return client.get_model_version_by_alias(NAME, alias).version
+    except Exception:  # noqa: BLE001 - MLflow raises a generic RestException for a missing alias
+        return None
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Prefect server + MLflow server + deployments + a process worker, torn down after."""
+    tmp = tmp_path_factory.mktemp("stack")
+    pport, mport, wport = free_port(), free_port(), free_port()
+    api = f"http://127.0.0.1:{pport}/api"
+    env = {
+        "PREFECT_HOME": str(tmp / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "GR2_HOME": str(ROOT),
+        "PREFECT_WORKER_WEBSERVER_PORT": str(wport),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    (tmp / "prefect").mkdir()
+    prefect = ManagedServer(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(pport)],
+        pport,
+        tmp / "prefect.log",
+        env=env,
+        start_timeout_s=120,
+        health_paths=("/api/health",),
+    )
+    mlflow_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mport)]
+    mlflow_cmd += ["--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    mlflow_cmd += ["--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"]
+    mlflow = ManagedServer(
+        mlflow_cmd,
+        mport,
+        tmp / "mlflow.log",
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_timeout_s=120,
+    )
+    worker_cmd = [str(BIN / "prefect"), "worker", "start", "--pool", "gr2-process"]
+    worker_cmd += ["--type", "process", "--with-healthcheck"]
+    worker = ManagedServer(worker_cmd, wport, tmp / "worker.log", env=env, start_timeout_s=120)
+    with prefect, mlflow:
+        deploy = subprocess.run(
+            ["bash", "infra/deploy.sh"],
+            cwd=ROOT,
+            env=os.environ | env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        with worker:
+            yield {"api": api, "mlflow": f"http://127.0.0.1:{mport}", "env": env, "tmp": tmp}
+
+
+def _trigger(stack, deployment: str, parameters: dict, timeout: int = 900):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack["api"]}):
+        run = run_deployment(deployment, parameters=parameters, timeout=timeout)
+    log = (stack["tmp"] / "worker.log").read_text(errors="replace")[-3000:]
+    assert run.state.is_completed(), f"{deployment}: {run.state}\nworker log:\n{log}"
+    return run
+
+
+def test_deploy_trigger_promote_rollback_and_serve(stack):
+    tracking = stack["mlflow"]
+    overrides = {
+        "artifacts_root": str(stack["tmp"] / "artifacts"),
+        "tracking.tracking_uri": tracking,
+        "data.max_users": 120,
+        "evaluation.bootstrap_samples": 50,
+        "teacher.modes": [],  # no teacher: the mid-trained student is the run's reranker
+        "rl.variants": [],
+    }
+    config = load_profile("ci", overrides)
+    pipeline = "gr2-pipeline/gr2-pipeline"
+
+    # 1. the pipeline deployment through the API: runs tracked, version 1 registered & promoted
+    run = _trigger(stack, pipeline, {"config": config.model_dump(mode="json")})
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    exp = client.get_experiment_by_name("gr2-reranker")
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_stage = {c.data.tags["gr2.stage"]: c for c in children}
+    assert {"data", "preranker", "midtrain", "midtrain_rerank_eval", "register"} <= set(by_stage)
+    assert by_stage["preranker"].data.metrics["preranker/train_loss"] > 0
+    assert "register/test/recall_at_5" in by_stage["register"].data.metrics
+    v1 = client.get_model_version(NAME, "1")
+    assert v1.tags["gr2.variant"] == "midtrain"
+    assert v1.tags["gr2.promotion.decision"] == "promoted"
+    assert _alias(client, "challenger") == "1" and _alias(client, "champion") == "1"
+    assert v1.source.startswith("models:/m-")  # an MLflow 3 logged model, `name="reranker"`
+    assert client.get_logged_model(v1.source.removeprefix("models:/")).name == "reranker"
+
+    # 2. a deliberately worse model: free decoding (no constrained list) -> invalid answers
+    worse = config.model_copy(
+        update={"sft": config.sft.model_copy(update={"constrained_answer": False})}
+    )
+    _trigger(stack, pipeline, {"config": worse.model_dump(mode="json")})
+    v2 = client.get_model_version(NAME, "2")
+    assert v2.tags["gr2.promotion.decision"] == "refused"
+    assert "invalid rate" in v2.tags["gr2.promotion.reasons"]
+    assert _alias(client, "challenger") == "2" and _alias(client, "champion") == "1"
+
+    # 3. a not-worse model registered without deciding, then the promotion deployment decides
+    shorter = config.model_copy(
+        update={
+            "sft": config.sft.model_copy(update={"max_new_tokens": 64}),
+            "registry": config.registry.model_copy(update={"promote": False}),
+        }
+    )
+    _trigger(stack, pipeline, {"config": shorter.model_dump(mode="json")})
+    assert _alias(client, "challenger") == "3" and _alias(client, "champion") == "1"
+    _trigger(stack, "gr2-promote/gr2-promote", {"config": shorter.model_dump(mode="json")})
+    v3 = client.get_model_version(NAME, "3")
+    assert v3.tags["gr2.promotion.decision"] == "promoted"
+    assert v3.tags["gr2.previous_champion"] == "1"
+    assert _alias(client, "champion") == "3" and _alias(client, "previous-champion") == "1"
+
+    # 4. one-command rollback; deciding again and re-running the pipeline change nothing
+    cli = [
+        str(BIN / "gr2"),
+        "rollback",
+        "--profile",
+        "ci",
+        "--set",
+        f"tracking.tracking_uri={tracking}",
+    ]
+    out = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert _alias(client, "champion") == "1" and _alias(client, "previous-champion") is None
+    assert "gr2.rolled_back" in client.get_model_version(NAME, "3").tags
+    _trigger(stack, "gr2-promote/gr2-promote", {"config": shorter.model_dump(mode="json")})
+    _trigger(stack, pipeline, {"config": config.model_dump(mode="json")})
+    versions = client.search_model_versions(f"name = '{NAME}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3]
+    assert _alias(client, "champion") == "1"
+
+    # 5. serve the champion over HTTP; malformed requests get 4xx naming the problem
+    slates = pl.read_parquet(
+        next((stack["tmp"] / "artifacts" / "candidates").glob("*/slates.parquet"))
+    )
+    row = slates.filter(pl.col("split") == "test").row(0, named=True)
+    port = free_port()
+    serve_cmd = [str(BIN / "gr2"), "serve", "--profile", "ci", "--port", str(port)]
+    serve_cmd += ["--set", f"tracking.tracking_uri={tracking}"]
+    served = ManagedServer(serve_cmd, port, stack["tmp"] / "serve.log", start_timeout_s=180)
+    with served:
+        url = f"http://127.0.0.1:{port}/invocations"
+
+        def post(record: dict) -> httpx.Response:
+            return httpx.post(url, json={"dataframe_records": [record]}, timeout=120)
+
+        ok = post({"history": row["history"][-5:], "candidates": row["candidates"]})
+        assert ok.status_code == 200, ok.text
+        (answer,) = ok.json()["predictions"]
+        assert sorted(answer["recommendations"]) == sorted(row["candidates"])
+        assert {"explanation", "valid", "reason"} <= set(answer)
+        bad = post({"history": ["no-such-item"], "candidates": row["candidates"]})
+        assert bad.status_code == 400 and "unknown item id(s) in 'history'" in bad.text
+        assert "no-such-item" in bad.text
+        wrong = post({"history": row["history"][-3:], "items": row["candidates"]})
+        assert wrong.status_code == 400 and "missing inputs ['candidates']" in wrong.text
+        empty = post({"history": row["history"][-3:], "candidates": []})
+        assert empty.status_code == 400 and "'candidates' is empty" in empty.text
