@@ -49,6 +49,7 @@ from gr2_core.promotion import (
 from gr2_core.reranker import RerankSettings, answerable, save_bundle, score_rows
 from tasks.data import read
 from tasks.midtrain import _catalogue, mlflow_env
+from tasks.reranker_eval import method_label
 from tasks.tracking import Tracking, metric_key, stage_run
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
@@ -88,7 +89,7 @@ def frozen_set(config: PipelineConfig, candidates: Manifest) -> pl.DataFrame:
 
 def served_method(config: PipelineConfig, model: Manifest) -> str:
     """The evaluation method the registered model serves: constrained list or free answer."""
-    label = model.stage.replace("_", "-", 1)
+    label = method_label(model)
     return f"{label} constrained" if config.sft.constrained_answer else label
 
 

@@ -44,6 +44,11 @@ EVAL = {
 }
 
 
+def method_label(model: Manifest) -> str:
+    """The evaluation table's name for a reranker stage: sft_targeted -> sft-targeted."""
+    return model.stage.replace("_", "-", 1)
+
+
 def evaluation_body(
     config: PipelineConfig,
     label: str,
@@ -189,6 +194,6 @@ def evaluate_reranker(
     `midtrain_rerank_eval`."""
     if stage not in EVAL:
         raise ValueError(f"unknown evaluation stage {stage!r}; known: {sorted(EVAL)}")
-    label = model.stage.replace("_", "-", 1)  # sft_targeted -> sft-targeted
+    label = method_label(model)
     upstream = [data, split, semantic_ids, candidates, model]
     return EVAL[stage].run(config, upstream, tracking, evaluation_body(config, label, *upstream))

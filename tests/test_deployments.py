@@ -170,7 +170,26 @@ def test_deploy_trigger_promote_rollback_and_serve(stack):
     assert sorted(int(v.version) for v in versions) == [1, 2, 3]
     assert _alias(client, "champion") == "1"
 
-    # 5. serve the champion over HTTP; malformed requests get 4xx naming the problem
+    # 5. the scheduled-retraining deployment: the champion's semantic IDs are kept (frozen
+    # tokenizer), the retrained model is registered and decided on against the champion
+    sid_dir = Path(client.get_model_version(NAME, "1").tags["gr2.semantic_ids_dir"])
+    _trigger(stack, "gr2-retrain/gr2-retrain-weekly", {"config": config.model_dump(mode="json")})
+    # the pipeline ran as a subflow with the champion's folder as semantic_ids.base
+    pinned = client.search_runs([exp.experiment_id], f"params.`semantic_ids.base` = '{sid_dir}'")
+    assert [r.data.tags["gr2.flow"] for r in pinned] == ["gr2-pipeline"]
+    v4 = client.get_model_version(NAME, "4")
+    assert v4.tags["gr2.promotion.against"] == "1"
+    new_dir = Path(v4.tags["gr2.semantic_ids_dir"])
+    assert new_dir != sid_dir
+    old_map = pl.read_parquet(sid_dir / "sid_map.parquet").select("item_id", "sid").sort("item_id")
+    assert (
+        pl.read_parquet(new_dir / "sid_map.parquet")
+        .select("item_id", "sid")
+        .sort("item_id")
+        .equals(old_map)
+    )
+
+    # 6. serve the champion over HTTP; malformed requests get 4xx naming the problem
     slates = pl.read_parquet(
         next((stack["tmp"] / "artifacts" / "candidates").glob("*/slates.parquet"))
     )
