@@ -120,6 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             replace_section(Path(args.sft_doc), heading, body, "Benchmarks")
             print(f"Wrote section '{heading}' of {args.sft_doc}")
+    if result.get("promotion"):
+        print(result["promotion"])
     print(
         f"MLflow: tracking URI {result['tracking_uri']}, experiment {result['experiment_id']}, "
         f"run {result['mlflow_run_id']}"
@@ -190,6 +192,8 @@ def cmd_ctc(args: argparse.Namespace) -> int:
         )
         replace_section(Path(args.doc), heading, f"{note}\n\n{result['report']}", "Results")
         print(f"Wrote section '{heading}' of {args.doc}")
+    if result.get("promotion"):
+        print(result["promotion"])
     print(
         f"MLflow: tracking URI {result['tracking_uri']}, experiment {result['experiment_id']}, "
         f"run {result['mlflow_run_id']}"
@@ -268,7 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {uri} from {env['MLFLOW_TRACKING_URI']} on http://{args.host}:{args.port}")
     print(
         f"  curl -s http://{args.host}:{args.port}/invocations -H 'Content-Type: application/json' "
-        '-d \'{"dataframe_records": [{"history": ["1", "2"], "candidates": ["3", "4", "5"]}]}\''
+        '-d \'{"dataframe_records": [{"history": ["<item id>", ...], "candidates": [...]}]}\''
     )
     mlflow = str(Path(bindir) / "mlflow")
     cmd = [mlflow, "models", "serve", "-m", uri, "--env-manager", "local"]

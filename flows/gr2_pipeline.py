@@ -67,6 +67,7 @@ def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
         scored = evaluate_reranker(config, f"rl_eval_{variant}", *slates, policy, tracking)
         stages += [policy, scored]
         trained[f"rl_{variant}"] = (policy, scored)
+    decision = ""
     if config.registry.enabled:
         candidate = config.registry_candidate()
         if candidate == "midtrain":  # no SFT in this run: the mid-trained student reranks
@@ -77,8 +78,8 @@ def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
         model, scored = trained[candidate]
         registered = register_reranker(config, model, scored, *slates, tracking)
         if config.registry.promote:
-            promote(config, registered, tracking)
-    return publish(config, tracking, stages)
+            decision = promote(config, registered, tracking)
+    return publish(config, tracking, stages) | {"promotion": decision}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The docs' screenshots (docs/img/), taken by headless Chromium (Debian's `chromium` package:
 # `apt-get install chromium`) from the servers `make ui` started, after a `make run` registered
-# a model: the Prefect run form of the gr2-pipeline deployment and the MLflow registered-model page.
+# a model: the Prefect run form of the gr2-pipeline deployment, the MLflow registered-model page and
+# the champion version's page.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PREFECT=http://127.0.0.1:${PREFECT_PORT:-4200}
@@ -27,3 +28,6 @@ deployment=$(curl -fsS -X POST "$PREFECT/api/deployments/filter" -H 'Content-Typ
   python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["id"])')
 shot "$PREFECT/deployments/deployment/$deployment/run" "$OUT/prefect_deployment_form.png" 1100
 shot "$MLFLOW/#/models/$MODEL" "$OUT/mlflow_model_page.png" 900
+champion=$(curl -fsS "$MLFLOW/api/2.0/mlflow/registered-models/alias?name=$MODEL&alias=champion" |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["model_version"]["version"])')
+shot "$MLFLOW/#/models/$MODEL/versions/$champion" "$OUT/mlflow_model_version.png" 1000
