@@ -89,7 +89,7 @@ def frozen_set(config: PipelineConfig, candidates: Manifest) -> pl.DataFrame:
 
 def served_method(config: PipelineConfig, model: Manifest) -> str:
     """The evaluation method the registered model serves: constrained list or free answer."""
-    label = method_label(model)
+    label = method_label(config, model)
     return f"{label} constrained" if config.sft.constrained_answer else label
 
 

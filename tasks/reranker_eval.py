@@ -44,9 +44,10 @@ EVAL = {
 }
 
 
-def method_label(model: Manifest) -> str:
-    """The evaluation table's name for a reranker stage: sft_targeted -> sft-targeted."""
-    return model.stage.replace("_", "-", 1)
+def method_label(config: PipelineConfig, model: Manifest) -> str:
+    """The evaluation table's name for a reranker: sft_targeted -> sft-targeted, with
+    ` kp-off` when its prompts had no domain-knowledge block (teacher.knowledge false)."""
+    return model.stage.replace("_", "-", 1) + ("" if config.teacher.knowledge else " kp-off")
 
 
 def evaluation_body(
@@ -194,6 +195,6 @@ def evaluate_reranker(
     `midtrain_rerank_eval`."""
     if stage not in EVAL:
         raise ValueError(f"unknown evaluation stage {stage!r}; known: {sorted(EVAL)}")
-    label = method_label(model)
+    label = method_label(config, model)
     upstream = [data, split, semantic_ids, candidates, model]
     return EVAL[stage].run(config, upstream, tracking, evaluation_body(config, label, *upstream))
