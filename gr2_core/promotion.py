@@ -23,8 +23,6 @@ import polars as pl
 
 from gr2_core.metrics import ndcg_at_k, recall_at_k
 
-SLATE_RESULTS = ["job", "rank", "invalid", "identity"]
-
 
 def frozen_set_digest(rows: pl.DataFrame) -> str:
     """Content digest of an evaluation set: its slates' users, positions, histories,
