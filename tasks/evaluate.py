@@ -98,7 +98,6 @@ def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) 
         tags[f"gr2.stage.{m.stage}.key"] = m.key
         tags[f"gr2.stage.{m.stage}.run_id"] = m.mlflow_run_id or ""
         tags[f"gr2.stage.{m.stage}.dir"] = m.directory
-    finish_parent(tracking, tags=tags)
     midtrain_eval = next((m for m in stages if m.stage == "midtrain_eval"), None)
     if midtrain_eval is not None:
         create_table_artifact(
@@ -128,6 +127,7 @@ def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) 
         )
         create_table_artifact(wide.to_dicts(), key="gr2-rerankers", description=description)
         log_evaluation(tracking, table, wide, description)
+    finish_parent(tracking, tags=tags)  # after the parent run's own artifacts
     traces = next((m for m in stages if m.stage == "traces"), None)
     return {
         "reranker_report": reranker_report,
