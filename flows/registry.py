@@ -1,8 +1,9 @@
 """Registry flows: promotion on its own, and scheduled retraining.
 
 `gr2_promote` decides on a registered version (default: the `challenger` alias) against the
-`champion`, exactly as the pipeline's last task does; run it after changing the promotion rule,
-or on a version registered elsewhere. `gr2_retrain` is the pipeline for a schedule: new
+`champion`, exactly as the pipeline's last task does: for a version registered with
+`registry.promote: false` (e.g. to look at it first) or registered by another run. A version
+that already carries a decision is left as it is. `gr2_retrain` is the pipeline for a schedule: new
 interactions in the data files are picked up (the data stage hashes its inputs), the semantic-ID
 tokenizer of the current champion is reused so existing items keep their SIDs (new items get
 codes from its frozen codebooks), and promotion runs at the end.
