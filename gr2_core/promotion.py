@@ -61,6 +61,18 @@ def metric_values(ranks: np.ndarray, metric: str) -> np.ndarray:
     raise ValueError(f"unknown gated metric {metric!r}; use recall@K or ndcg@K")
 
 
+SUMMARY_METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
+
+
+def summarize(results: pl.DataFrame) -> dict[str, float]:
+    """Mean ranking metrics and answer rates of per-slate results (`slate_results`)."""
+    ranks = results["rank"].to_numpy()
+    out = {m: float(metric_values(ranks, m).mean()) for m in SUMMARY_METRICS}
+    out["invalid_rate"] = float(results["invalid"].mean())
+    out["identity_rate"] = float(results["identity"].mean())
+    return out
+
+
 @dataclass(frozen=True)
 class Gate:
     """The promotion rule's settings (see the module docstring)."""

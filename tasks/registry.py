@@ -43,8 +43,8 @@ from gr2_core.promotion import (
     decide,
     frozen_set_digest,
     job_ids,
-    metric_values,
     slate_results,
+    summarize,
 )
 from gr2_core.reranker import RerankSettings, answerable, save_bundle, score_rows
 from tasks.data import read
@@ -57,7 +57,6 @@ MODEL_NAME = "reranker"  # the logged model's name inside its run
 PYFUNC_FILE = Path(__file__).with_name("reranker_pyfunc.py")
 RESULTS = "frozen_set/results.parquet"
 SLATES = "frozen_set/slates.parquet"
-REPORT_METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
 class Registered(BaseModel):
@@ -111,14 +110,6 @@ def evaluation_results(
         )
     scored = rev.score_answers([text[j] for j in jobs], rows, cat)
     return slate_results(jobs, scored["ranks"], scored["invalid"], scored["identity"])
-
-
-def summary(results: pl.DataFrame) -> dict[str, float]:
-    ranks = results["rank"].to_numpy()
-    out = {m: float(metric_values(ranks, m).mean()) for m in REPORT_METRICS}
-    out |= {"invalid_rate": float(results["invalid"].mean())}
-    out |= {"identity_rate": float(results["identity"].mean())}
-    return out
 
 
 def _signature():
@@ -196,7 +187,7 @@ def register_reranker(
         )
     cat = _catalogue(data, semantic_ids)
     results = evaluation_results(config, model, evaluation, rows, cat)
-    scores = summary(results)
+    scores = summarize(results)
     t = config.teacher
     settings = RerankSettings(
         variant=model.stage,
