@@ -413,6 +413,11 @@ class RLConfig(StageConfig):
     max_sampling_rounds: int = Field(
         4, ge=0, description="Extra generation rounds per batch to replace zero-variance groups."
     )
+    slate_sids: bool = Field(
+        True,
+        description="Rollouts may only write SIDs of their slate, each once in the list "
+        "(transformers generate only); JSON, order and length stay free.",
+    )
     save_steps: int = Field(10, ge=1, description="Checkpoint interval (resume point).")
     num_threads: int = Field(2, ge=1)
     seed: int = 0
@@ -566,8 +571,25 @@ def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> Pip
     return PipelineConfig.model_validate(read_profile(name_or_path, PROFILES_DIR, overrides))
 
 
-def read_profile(name_or_path: str | Path, folder: Path, overrides: dict | None = None) -> dict:
-    """A profile's raw settings (a name in `folder` or a path), with dotted `overrides` set."""
+def _merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_profile(
+    name_or_path: str | Path, folder: Path, overrides: dict | None = None, _chain: tuple = ()
+) -> dict:
+    """A profile's raw settings (a name in `folder` or a path), with dotted `overrides` set.
+
+    A profile may start from another one: `base: demo` (a name, looked up next to the profile's
+    file and then in `folder`, or a path relative to the profile's file) takes every setting of
+    `demo`, then this file's on top of it."""
     path = Path(name_or_path)
     if not path.suffix:
         path = folder / f"{name_or_path}.yaml"
@@ -575,7 +597,25 @@ def read_profile(name_or_path: str | Path, folder: Path, overrides: dict | None 
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise FileNotFoundError(f"profile {name_or_path!r} not found ({path}); known: {known}")
     raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"profile {path}: expected a mapping of settings, got {type(raw).__name__}"
+        )
     raw.setdefault("profile", path.stem)
+    base = raw.pop("base", None)
+    if base is not None:
+        chain = (*_chain, path.resolve())
+        base_path = Path(str(base))
+        if base_path.suffix and not base_path.is_absolute():
+            base_path = path.parent / base_path
+        elif not base_path.suffix:  # a name: next to this profile, else in `folder`
+            beside = path.parent / f"{base}.yaml"
+            base_path = beside if beside.exists() else folder / f"{base}.yaml"
+        if base_path.resolve() in chain:
+            raise ValueError(f"profile {path}: `base: {base}` makes a cycle")
+        parent = read_profile(base_path, folder, None, chain)
+        parent.pop("profile", None)
+        raw = _merged(parent, raw)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -120,6 +120,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             replace_section(Path(args.sft_doc), heading, body, "Benchmarks")
             print(f"Wrote section '{heading}' of {args.sft_doc}")
+    if result.get("rl_report"):
+        print(f"DAPO:\n{result['rl_report']}")
+        if args.rl_doc:
+            write_rl_doc(args, config, result)
     if result.get("promotion"):
         print(result["promotion"])
     print(
@@ -131,6 +135,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['mlflow_run_id']}"
     )
     return 0
+
+
+def write_rl_doc(args: argparse.Namespace, config, result: dict) -> None:
+    """The DAPO section of `args.rl_doc`: curves figure, training and test comparison tables."""
+    from gr2_core.plots import rl_curves
+    from gr2_core.report import replace_section
+
+    doc = Path(args.rl_doc)
+    figure = doc.parent / "img" / f"rl_{config.data.dataset}_{config.profile}.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    runs = {stage.replace("_", "-", 1): h for stage, h in result["rl_histories"].items()}
+    rl_curves(runs, figure)
+    command = "gr2 " + " ".join(argv_for_doc(args, "--rl-doc", args.rl_doc))
+    secs = result.get("stage_seconds", {})
+    timed = ", ".join(
+        f"{s} {v:.0f} s" for s, v in secs.items() if v is not None and s.startswith("rl")
+    )
+    rl = config.rl
+    heading = f"DAPO runs, {config.data.dataset} (profile {config.profile})"
+    sampling = f"on ({rl.max_sampling_rounds} extra rounds)" if rl.dynamic_sampling else "off"
+    body = (
+        f"Command: `{command}` (stage wall time on {os.cpu_count()} cores: {timed}). "
+        f"{rl.max_steps} steps of {rl.prompts_per_step} groups x {rl.group_size} rollouts, "
+        f"lr {rl.lr:g}, temperature {rl.temperature:g}, up to {rl.max_completion_length} "
+        f"completion tokens, dynamic sampling {sampling}, {rl.slates} training slates.\n\n"
+        f"![DAPO curves]({figure.relative_to(doc.parent).as_posix()})\n\n"
+        f"{result['rl_report']}\n"
+    )
+    replace_section(doc, heading, body, "DAPO")
+    print(f"Wrote section '{heading}' of {doc} and {figure}")
 
 
 def traces_summary(metrics: dict[str, float]) -> str:
@@ -317,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--sft-doc",
         help="also write the teacher acceptance and SFT reranker tables as a section of this file",
+    )
+    run.add_argument(
+        "--rl-doc",
+        help="also write the DAPO curves (a PNG under img/ beside it) and the RL comparison "
+        "tables as a section of this markdown file",
     )
     run.set_defaults(func=cmd_run)
     ctc = sub.add_parser("ctc", help="run the CTC summarization flow")

@@ -10,18 +10,22 @@ champion scored on another set is re-scored first). The challenger is promoted w
   least `-margin`, so a small evaluation set cannot promote by lack of evidence.
 
 The first model (no champion yet) is promoted when its rates are within the limits.
+
+`paired_differences` reports the same paired comparison for any two rerankers of an evaluation
+(RL vs the pre-ranker order, RL vs SFT) without deciding anything.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 
-from gr2_core.metrics import ndcg_at_k, recall_at_k
+from gr2_core.metrics import bootstrap_ci, ndcg_at_k, recall_at_k
 
 
 def frozen_set_digest(rows: pl.DataFrame) -> str:
@@ -145,15 +149,14 @@ def decide(challenger: pl.DataFrame, champion: pl.DataFrame | None, gate: Gate) 
             )
     else:
         both = _aligned(challenger, champion)
-        rng = np.random.default_rng(gate.seed)
         n = both.height
-        idx = rng.integers(0, n, size=(gate.samples, n))
-        alpha = (1 - gate.confidence) / 2
         for metric in gate.metrics:
             ours = metric_values(both["rank"].to_numpy(), metric)
             theirs = metric_values(both["rank_champion"].to_numpy(), metric)
-            diff = ours - theirs
-            lo, hi = np.quantile(diff[idx].mean(axis=1), [alpha, 1 - alpha])
+            diff = ours - theirs  # paired: one resample of slates for both models
+            _, lo, hi = bootstrap_ci({metric: diff}, gate.samples, gate.confidence, gate.seed)[
+                metric
+            ]
             if gate.non_inferiority:
                 ok, limit = bool(lo >= -gate.margin), f"CI low >= -{gate.margin:g}"
             else:
@@ -179,3 +182,36 @@ def decide(challenger: pl.DataFrame, champion: pl.DataFrame | None, gate: Gate) 
     if promote:
         reasons.append("every check passed")
     return Decision(promote, reasons, checks)
+
+
+def paired_differences(
+    answers: pl.DataFrame,
+    split: str,
+    pairs: Sequence[tuple[str, str]],
+    metrics: Sequence[str],
+    samples: int,
+    confidence: float,
+    seed: int,
+) -> pl.DataFrame:
+    """Per (method, baseline) pair: mean per-slate difference of each metric on `split`'s slates
+    that both were scored on, with a paired bootstrap CI (one resample of slates for both).
+
+    `answers`: per-slate rows (split, method, job, rank), rank 0 = miss or invalid."""
+    rows = []
+    for ours, theirs in pairs:
+        a = answers.filter((pl.col("split") == split) & (pl.col("method") == ours))
+        b = answers.filter((pl.col("split") == split) & (pl.col("method") == theirs))
+        both = a.select("job", "rank").join(
+            b.select("job", pl.col("rank").alias("base_rank")), on="job"
+        )
+        if both.is_empty():
+            continue
+        mine, base = both["rank"].to_numpy(), both["base_rank"].to_numpy()
+        diffs = {m: metric_values(mine, m) - metric_values(base, m) for m in metrics}
+        for m, (mean, lo, hi) in bootstrap_ci(diffs, samples, confidence, seed).items():
+            rows.append((ours, theirs, split, m, mean, lo, hi, both.height))
+    return pl.DataFrame(
+        rows,
+        schema=["method", "baseline", "split", "metric", "diff", "ci_low", "ci_high", "n"],
+        orient="row",
+    )

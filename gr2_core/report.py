@@ -33,3 +33,38 @@ def replace_section(path: Path, heading: str, body: str, title: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return section
+
+
+RL_SUMMARY = (
+    ("rewards/rerank/mean", "reward"),
+    ("monitor/identity_rate", "identity rate"),
+    ("monitor/ndcg_at_5", "rollout NDCG@5"),
+    ("monitor/invalid_rate", "invalid rate"),
+    ("completions/mean_length", "completion tokens"),
+)
+
+
+def rl_training_table(histories: dict[str, list[dict]], window: int = 3) -> pl.DataFrame:
+    """Per RL run: steps, and each monitor's mean over the first and the last `window` steps
+    ("first -> last"), from TRL log histories; plus the mean share of zero-variance groups
+    before dynamic sampling and its extra generation rounds per step."""
+    rows = []
+    for name, history in histories.items():
+        steps = [r for r in history if "monitor/identity_rate" in r]
+        row: dict = {"run": name, "steps": len(steps)}
+        for key, label in RL_SUMMARY:
+            vals = [r[key] for r in steps if key in r]
+            if vals:
+                head = sum(vals[:window]) / len(vals[:window])
+                tail = sum(vals[-window:]) / len(vals[-window:])
+                row[label] = f"{head:.3g} -> {tail:.3g}"
+            else:
+                row[label] = "-"
+        for key, label in (
+            ("dynamic/zero_std_before", "zero-variance groups"),
+            ("dynamic/extra_rounds", "extra rounds / step"),
+        ):
+            vals = [r[key] for r in steps if key in r]
+            row[label] = f"{sum(vals) / len(vals):.3g}" if vals else "-"
+        rows.append(row)
+    return pl.DataFrame(rows)

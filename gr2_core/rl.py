@@ -18,6 +18,10 @@ and that shortfall is logged. The extension lives in one override of
 `_generate_and_score_completions`: the parent does the generation, scoring and advantages for
 every round, this class only selects and concatenates groups.
 
+Also added (`SlateSIDProcessor`, `rl.slate_sids`): rollouts whose SIDs come from their slate,
+each once in the list, for students too small to copy SIDs reliably; the answer's JSON, order
+and length stay free, so the format reward still varies.
+
 Monitors, logged with TRL's metrics every step (and so to MLflow when `report_to` has it):
 each reward component (`rewards/<name>/mean`), `dynamic/zero_std_before` and `/after`,
 `dynamic/extra_rounds`, `dynamic/shortfall_groups`, the rollouts' `monitor/identity_rate`,
@@ -28,12 +32,15 @@ reward, reason) so samples can be read or attached as an artifact.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import torch
 
+from gr2_core.constrained import SIDTrie
 from gr2_core.metrics import ndcg_at_k
+from gr2_core.prompts import SID_PATTERN
 from gr2_core.rewards import (
     FormatReward,
     RankReward,
@@ -98,6 +105,61 @@ def select_groups(outputs: list[dict], picks: list[tuple[int, int]], group: int,
     return merged
 
 
+class SlateSIDProcessor:
+    """Rollouts whose SIDs come from their own slate (HF `LogitsProcessor` protocol).
+
+    Row i of the generation batch belongs to slate `slates[i]`. Outside a SID the model decodes
+    freely. From a generated `<|sid_begin|>` until the SID is complete, only tokens that keep
+    it a prefix of an allowed SID are kept: any SID of the row's slate in the explanation, and
+    after the `"recommendations"` key a slate SID the list does not hold yet (the teacher's
+    stepwise decoding gives the same guarantee). The JSON, the order, the length of the list
+    (closing it early leaves SIDs missing) and the explanation stay the model's choice, so an
+    answer can still be invalid, and copying the input order is still the safe answer the
+    unconditional reward pays for. What the constraint removes is the malformed, invented or
+    repeated SID, which a small student writes in most answers. The loss still uses the
+    unconstrained model's log-probs of the sampled tokens.
+    """
+
+    def __init__(self, tok, slates: list[list[str]], begin_token: str = "<|sid_begin|>"):
+        self.tok = tok
+        self.begin = tok.convert_tokens_to_ids(begin_token)
+        if self.begin is None or self.begin == tok.unk_token_id:
+            raise ValueError(f"the tokenizer has no {begin_token!r} token (not a SID student?)")
+        unique = sorted({s for slate in slates for s in slate})
+        self.ids = dict(zip(unique, tok(unique, add_special_tokens=False).input_ids, strict=True))
+        self.slates = [list(s) for s in slates]
+        self.open: dict[int, tuple[int, SIDTrie]] = {}  # row -> (SID start, its trie)
+        self.start: int | None = None  # the padded prompt length, seen at the first call
+
+    def _trie(self, row: int, before: list[int]) -> SIDTrie:
+        """The SIDs allowed for a SID starting after the generated tokens `before`."""
+        slate = self.slates[row]
+        text = self.tok.decode(before, skip_special_tokens=False)
+        key = text.rfind('"recommendations"')
+        if key >= 0:  # inside the list: each slate SID once
+            used = set(SID_PATTERN.findall(text[key:]))
+            slate = [s for s in slate if s not in used] or slate
+        return SIDTrie(self.ids[s] for s in slate)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        if input_ids.shape[0] != len(self.slates):
+            raise ValueError(f"{input_ids.shape[0]} rows for {len(self.slates)} slates")
+        for row, ids in enumerate(input_ids[:, self.start :].tolist()):
+            if not ids or self.begin not in ids:
+                continue
+            at = len(ids) - 1 - ids[::-1].index(self.begin)
+            if self.open.get(row, (None,))[0] != at:
+                self.open[row] = (at, self._trie(row, ids[:at]))
+            allowed = self.open[row][1].allowed(ids[at:])
+            if allowed:  # inside an allowed SID ([]: it is complete)
+                keep = scores[row, allowed].clone()
+                scores[row] = float("-inf")
+                scores[row, allowed] = keep
+        return scores
+
+
 def dapo_trainer_class():
     """GRPOTrainer with dynamic sampling and the reranking monitors (TRL imported lazily)."""
     from trl import GRPOTrainer
@@ -117,9 +179,12 @@ def dapo_trainer_class():
             max_rounds: int = 4,
             monitor_reward: RerankReward | None = None,
             rollout_log: str | Path | None = None,
+            slate_sids: bool = False,
             **kwargs,
         ):
             super().__init__(*args, **kwargs)
+            self.slate_sids = slate_sids
+            self._slates: list[list[str]] | None = None
             if dynamic_sampling and self.accelerator.num_processes > 1:
                 raise NotImplementedError(
                     "dynamic sampling selects whole groups on one process; run DAPO on one "
@@ -131,6 +196,33 @@ def dapo_trainer_class():
             self.rollout_log = Path(rollout_log) if rollout_log else None
             self.dynamic_history: list[dict] = []
             self._round_rewards: torch.Tensor | None = None
+
+        # -- rollouts whose SIDs come from their slate (SlateSIDProcessor) ----------------------
+        def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+            if not self.slate_sids or self._slates is None:
+                return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+            if self.use_vllm or self.use_transformers_continuous_batching:
+                raise NotImplementedError(
+                    "slate-constrained rollouts use transformers' generate; set "
+                    "rl.slate_sids=false with vLLM or continuous batching"
+                )
+            if len(self._slates) != len(prompt_ids):
+                raise RuntimeError(f"{len(prompt_ids)} prompts for {len(self._slates)} slates")
+            from transformers import LogitsProcessorList
+
+            processor = LogitsProcessorList([SlateSIDProcessor(self._tokenizer, self._slates)])
+            model = self.accelerator.unwrap_model(self.model)
+            # TRL calls model.generate(**inputs, generation_config=...) and has no argument for
+            # a logits processor: add it to that one call, then restore the method
+            own = vars(model).get("generate")  # an instance-level generate, if any, comes back
+            model.generate = functools.partial(model.generate, logits_processor=processor)
+            try:
+                return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+            finally:
+                if own is None:
+                    del model.generate
+                else:
+                    model.generate = own
 
         # -- rewards of the round, kept for the group selection -------------------------------
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -184,6 +276,7 @@ def dapo_trainer_class():
             return [dict(self.train_dataset[i]) for i in idx for _ in range(self.num_generations)]
 
         def _generate_and_score_completions(self, inputs):
+            self._slates = [x["slate"] for x in inputs]
             out = super()._generate_and_score_completions(inputs)
             if not (self.dynamic_sampling and self.model.training):
                 return out
@@ -197,7 +290,9 @@ def dapo_trainer_class():
             rounds = 0
             while len(picks) < need and rounds < self.max_rounds:
                 rounds += 1
-                extra = super()._generate_and_score_completions(self._draw(need, rounds))
+                fresh = self._draw(need, rounds)
+                self._slates = [x["slate"] for x in fresh]
+                extra = super()._generate_and_score_completions(fresh)
                 outputs.append(extra)
                 ok = self._informative(self._round_rewards)
                 picks += [(rounds, i) for i in range(need) if ok[i]]
@@ -330,6 +425,7 @@ def train_dapo(
         max_rounds=cfg.max_sampling_rounds,
         monitor_reward=funcs[0],
         rollout_log=out_dir / "completions.jsonl",
+        slate_sids=cfg.slate_sids,
     )
     resume = resume_point(ckpt)
     if resume:  # rollouts after the checkpoint are generated again: drop their old records

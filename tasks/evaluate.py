@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -9,7 +10,7 @@ from prefect.artifacts import create_table_artifact
 
 import gr2_core.baselines
 import gr2_core.metrics
-from data_contracts.config import PipelineConfig
+from data_contracts.config import RL_SFT_MODE, PipelineConfig
 from data_contracts.manifest import Manifest
 from gr2_core.baselines import (
     evaluate_orderings,
@@ -19,7 +20,8 @@ from gr2_core.baselines import (
     preranker_order,
     random_order,
 )
-from gr2_core.report import to_markdown
+from gr2_core.promotion import paired_differences
+from gr2_core.report import rl_training_table, to_markdown
 from tasks.data import read
 from tasks.stage import Stage, StageResult
 from tasks.tracking import StageRun, Tracking, finish_parent
@@ -127,10 +129,18 @@ def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) 
         )
         create_table_artifact(wide.to_dicts(), key="gr2-rerankers", description=description)
         log_evaluation(tracking, table, wide, description)
+    rl_histories = {
+        m.stage: json.loads(m.path("log_history").read_text())
+        for m in stages
+        if m.stage.startswith("rl_") and not m.stage.startswith("rl_eval_")
+    }
+    rl_report = rl_comparison(config, rl_histories, reranker_evals) if rl_histories else ""
     finish_parent(tracking, tags=tags)  # after the parent run's own artifacts
     traces = next((m for m in stages if m.stage == "traces"), None)
     return {
         "reranker_report": reranker_report,
+        "rl_report": rl_report,
+        "rl_histories": rl_histories,
         "traces": {k: v for k, v in (traces.metrics if traces else {}).items() if "/" in k},
         "report": baselines.path("report").read_text(),
         "midtrain_report": midtrain_eval.path("report").read_text() if midtrain_eval else "",
@@ -139,3 +149,65 @@ def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) 
         "experiment_id": tracking.experiment_id,
         "mlflow_run_id": tracking.parent_run_id or "",
     }
+
+
+RL_COMPARED = ("recall@1", "recall@5", "ndcg@5")
+
+
+def rl_comparison(
+    config: PipelineConfig, histories: dict[str, list[dict]], evaluations: list[Manifest]
+) -> str:
+    """Markdown: each RL run's monitors (first -> last steps), every reranker's test metrics,
+    then on test the paired differences of every RL reranker with the pre-ranker order, its
+    SFT start and the other variants (same slates, same decoding; value [95% paired bootstrap
+    CI])."""
+    import polars as pl
+
+    ev = config.evaluation
+    parts = [
+        "Training (rollouts of each step; first -> last: mean of the first and the last 3 "
+        "steps):\n\n" + to_markdown(rl_training_table(histories))
+    ]
+    metrics = pl.concat([read(m, "metrics") for m in evaluations]).unique(
+        ["method", "split", "mode", "metric"], keep="first", maintain_order=True
+    )
+    test = metrics.filter((pl.col("split") == "test") & (pl.col("mode") == "conditional"))
+    shown = [*RL_COMPARED, "invalid_rate", "identity_rate"]
+    wide = format_table(test.filter(pl.col("metric").is_in(shown)), shown).sort("method")
+    parts.append(
+        "Test, conditional slates (target in the slate), value [95% bootstrap CI]; invalid "
+        "answers count as misses:\n\n" + to_markdown(wide)
+    )
+    answers = [read(m, "answers") for m in evaluations]
+    answers = [a for a in answers if "rank" in a.columns]
+    if not answers:
+        return "\n\n".join(parts)
+    table = pl.concat([a.select("split", "method", "job", "rank") for a in answers])
+    table = table.unique(["split", "method", "job"], keep="first", maintain_order=True)
+    methods = set(table["method"])
+    pairs = []
+    for stage in histories:
+        variant = stage.removeprefix("rl_")
+        for ours in sorted(m for m in methods if m.startswith(f"rl-{variant}")):
+            others = ["preranker", ours.replace(f"rl-{variant}", f"sft-{RL_SFT_MODE[variant]}")]
+            if variant == "rejection":
+                others += [
+                    ours.replace("rl-rejection", f"rl-{v}") for v in ("targeted", "unconditional")
+                ]
+            pairs += [(ours, o) for o in others if o in methods]
+    diffs = paired_differences(
+        table, "test", pairs, RL_COMPARED, ev.bootstrap_samples, ev.confidence, ev.seed
+    )
+    if diffs.is_empty():
+        return "\n\n".join(parts)
+    wide = diffs.with_columns(
+        pl.format(
+            "{} [{}, {}]", *(pl.col(c).round(4) for c in ("diff", "ci_low", "ci_high"))
+        ).alias("value")
+    ).pivot("metric", index=["method", "baseline", "n"], values="value")
+    parts.append(
+        "Test, paired differences (method - baseline) on the same conditional slates, "
+        "[95% paired bootstrap CI]; a CI above 0 means the method is better:\n\n"
+        + to_markdown(wide)
+    )
+    return "\n\n".join(parts)

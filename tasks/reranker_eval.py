@@ -139,6 +139,17 @@ def evaluation_body(
                 ]
             pre = rows["target_rank"].to_numpy()
             zeros = np.zeros(len(pre))
+            answers += [  # the input order, for paired comparisons on the same slates
+                {
+                    "split": split_name,
+                    "method": "preranker",
+                    "job": f"{r['user_id']}:{r['position']}",
+                    "text": "",
+                    "reason": "input_order",
+                    "rank": int(k),
+                }
+                for r, k in zip(rows.iter_rows(named=True), pre, strict=True)
+            ]
             tables.append(
                 rev.reranker_table(
                     "preranker",

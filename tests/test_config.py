@@ -78,3 +78,21 @@ def test_ctc_flow_parameter_schema():
     schema = parameter_schema(ctc_summarization.fn).model_dump()
     text = str(schema)
     assert "CTCFlowConfig" in text and "noise_rates" in text and "max_source_words" in text
+
+
+def test_profile_base_merges_section_by_section(tmp_path):
+    (tmp_path / "parent.yaml").write_text(
+        "artifacts_root: var/a\npreranker:\n  epochs: 3\n  lr: 0.01\nrl:\n  variants: []\n"
+    )
+    (tmp_path / "child.yaml").write_text(
+        "base: parent\npreranker:\n  epochs: 5\nrl:\n  variants: [rejection]\n"
+    )
+    cfg = load_profile(tmp_path / "child.yaml", {"preranker.lr": 0.5})
+    # the child's value wins, the parent's other keys of the same section stay, overrides last
+    assert (cfg.profile, cfg.artifacts_root) == ("child", "var/a")
+    assert (cfg.preranker.epochs, cfg.preranker.lr) == (5, 0.5)
+    assert cfg.rl.variants == ["rejection"]
+    (tmp_path / "loop.yaml").write_text("base: loop2\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_profile(tmp_path / "loop.yaml")

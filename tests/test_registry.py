@@ -11,7 +11,14 @@ import polars as pl
 import pytest
 
 from gr2_core.midtrain import Catalogue
-from gr2_core.promotion import Gate, decide, frozen_set_digest, job_ids, slate_results
+from gr2_core.promotion import (
+    Gate,
+    decide,
+    frozen_set_digest,
+    job_ids,
+    paired_differences,
+    slate_results,
+)
 from gr2_core.reranker import Reranker, RerankRequestError, RerankSettings, save_bundle
 from gr2_core.semantic_ids.sidmap import encode_sid
 
@@ -197,3 +204,27 @@ def test_promotion_rescores_a_champion_from_another_set_and_rolls_back(bundle, t
     assert "gr2.rolled_back" in client.get_model_version("m", v2.version).tags
     with pytest.raises(RuntimeError, match="nothing to roll back"):
         rollback(uri, "m")
+
+
+def test_paired_differences_compare_methods_slate_by_slate():
+    jobs = [f"u{i}:1" for i in range(40)]
+    rl = [1] * 20 + [3] * 20  # target first on half the slates, third on the rest
+    pre = [2] * 40
+    answers = pl.DataFrame(
+        {
+            "split": ["test"] * 80 + ["valid"],
+            "method": ["rl-rejection"] * 40 + ["preranker"] * 40 + ["rl-rejection"],
+            "job": jobs + jobs + ["u0:1"],
+            "rank": rl + pre + [0],
+        }
+    )
+    pairs = [("rl-rejection", "preranker"), ("rl-rejection", "rl-targeted")]  # 2nd: absent
+    out = paired_differences(answers, "test", pairs, ["recall@1", "ndcg@5"], 500, 0.95, 0)
+    assert out["baseline"].unique().to_list() == ["preranker"] and out["n"].to_list() == [40, 40]
+    by = {r["metric"]: r for r in out.iter_rows(named=True)}
+    assert by["recall@1"]["diff"] == pytest.approx(0.5)  # 20 of 40 slates gain a hit at 1
+    ndcg = 0.5 * (1 - 1 / np.log2(3)) + 0.5 * (1 / np.log2(4) - 1 / np.log2(3))
+    assert by["ndcg@5"]["diff"] == pytest.approx(ndcg)
+    for r in by.values():
+        assert r["ci_low"] <= r["diff"] <= r["ci_high"]
+    assert by["recall@1"]["ci_low"] > 0  # no slate loses a hit at 1: the CI excludes 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,8 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_contracts.config import RLConfig
-from gr2_core.rl import dapo_args, dapo_trainer_class, reward_functions, select_groups, train_dapo
-from gr2_core.semantic_ids.sidmap import encode_sid
+from gr2_core.rl import (
+    SlateSIDProcessor,
+    dapo_args,
+    dapo_trainer_class,
+    reward_functions,
+    select_groups,
+    train_dapo,
+)
+from gr2_core.semantic_ids.sidmap import encode_sid, sid_tokens
 from gr2_core.training import StopAfter
 
 SLATE = [encode_sid([i, 0]) for i in range(4)]
@@ -55,6 +63,7 @@ def _cfg(**kw) -> RLConfig:
         save_steps=1,
         max_sampling_rounds=6,
         num_threads=1,
+        slate_sids=False,  # the tiny tokenizer has no SID tokens (the flow test covers them)
     )
     return RLConfig(**(base | kw))
 
@@ -166,3 +175,58 @@ def test_dapo_runs_a_few_steps_and_resumes_after_a_crash(tiny, tmp_path):
         "rewards/rerank/mean" in r and "dynamic/zero_std_after" in r for r in logged
     )
     assert all(r["reason"] for r in log) and all(r["reward"] == r["reward"] for r in log)
+
+
+def test_slate_sid_processor_allows_slate_sids_once_in_the_list(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(sid_tokens(2, [8, 8]))
+    slates = [[encode_sid([1, 2]), encode_sid([1, 3]), encode_sid([4, 0])]] * 2
+    proc = SlateSIDProcessor(tok, slates)
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    tid = tok.convert_tokens_to_ids
+    vocab = len(tok)
+    prompt = ids("rank these")
+
+    def allowed(*generated: str) -> list[set[int]]:
+        rows = [prompt + ids(g) for g in generated]
+        width = max(map(len, rows))
+        batch = torch.tensor([[tok.pad_token_id or 0] * (width - len(r)) + r for r in rows])
+        p = SlateSIDProcessor(tok, slates[: len(rows)])
+        p.start = width - max(len(ids(g)) for g in generated)  # what the first call would see
+        out = p(batch, torch.zeros(len(rows), vocab))
+        return [set(torch.nonzero(torch.isfinite(r)).flatten().tolist()) for r in out]
+
+    # outside a SID: free; after <|sid_begin|>: the first codes of the slate's SIDs
+    free, first = allowed('{"explanation": "x', '{"explanation": "<|sid_begin|>')
+    assert len(free) == vocab
+    assert first == {tid("<s_a_1>"), tid("<s_a_4>")}
+    # in the explanation a SID may be cited again; in the list each slate SID once
+    cited, listed = allowed(
+        f'{{"explanation": "{slates[0][0]} <|sid_begin|><s_a_1>',
+        f'{{"explanation": "x", "recommendations": ["{slates[0][0]}", "<|sid_begin|><s_a_1>',
+    )
+    assert cited == {tid("<s_b_2>"), tid("<s_b_3>")}
+    assert listed == {tid("<s_b_3>")}
+    # a complete SID frees the next token
+    (done,) = allowed(f'{{"explanation": "{slates[0][1]}')
+    assert len(done) == vocab
+    with pytest.raises(ValueError, match="rows for"):
+        proc(torch.tensor([prompt]), torch.zeros(1, vocab))
+    with pytest.raises(ValueError, match="no '<\\|sid_begin\\|>' token"):
+        SlateSIDProcessor(tokenizer, slates)
+
+
+def test_rl_training_table_reports_first_and_last_steps():
+    from gr2_core.report import rl_training_table
+
+    history = [
+        {"step": k, "monitor/identity_rate": k / 10, "rewards/rerank/mean": -1 + k / 10}
+        | {"dynamic/zero_std_before": 0.5, "dynamic/extra_rounds": k % 2}
+        for k in range(1, 7)
+    ] + [{"train_runtime": 12.0}]
+    row = rl_training_table({"rl-rejection": history}, window=3).row(0, named=True)
+    assert row["steps"] == 6
+    assert row["identity rate"] == "0.2 -> 0.5"  # mean of steps 1-3, then of steps 4-6
+    assert row["reward"] == "-0.8 -> -0.5"
+    assert row["invalid rate"] == "-"  # not logged: shown as missing, not as 0
+    assert (row["zero-variance groups"], row["extra rounds / step"]) == ("0.5", "0.5")
