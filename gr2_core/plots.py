@@ -74,17 +74,19 @@ RL_PANELS = (
     ("monitor/identity_rate", "identity-permutation rate"),
     ("monitor/ndcg_at_5", "rollout NDCG@5"),
     ("monitor/invalid_rate", "invalid-output rate"),
+    ("monitor/truncated_rate", "truncated-output rate"),
 )
 
 
 def rl_curves(runs: dict[str, list[dict]], path: Path) -> plt.Figure:
     """Per training step, one line per run: the reward, the identity-permutation rate (the
-    reward-hacking monitor), rollout NDCG@5 and the invalid-output rate (TRL log histories)."""
-    fig, axes = plt.subplots(1, len(RL_PANELS), figsize=(4 * len(RL_PANELS), 3.2))
+    reward-hacking monitor), rollout NDCG@5, the invalid- and the truncated-output rates (TRL
+    log histories)."""
+    fig, axes = plt.subplots(1, len(RL_PANELS), figsize=(3.6 * len(RL_PANELS), 3.2))
     for ax, (key, title) in zip(axes, RL_PANELS, strict=True):
         for name, history in runs.items():
             rows = [r for r in history if key in r and "step" in r]
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=name)
         ax.set_title(title)
         ax.set_xlabel("step")
     axes[0].legend(fontsize=8)

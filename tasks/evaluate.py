@@ -166,7 +166,8 @@ def rl_comparison(
     ev = config.evaluation
     parts = [
         "Training (rollouts of each step; first -> last: mean of the first and the last 3 "
-        "steps):\n\n" + to_markdown(rl_training_table(histories))
+        "steps):\n\n"
+        + to_markdown(rl_training_table({s.replace("_", "-", 1): h for s, h in histories.items()}))
     ]
     metrics = pl.concat([read(m, "metrics") for m in evaluations]).unique(
         ["method", "split", "mode", "metric"], keep="first", maintain_order=True
