@@ -179,11 +179,9 @@ def rl_comparison(
         "Test, conditional slates (target in the slate), value [95% bootstrap CI]; invalid "
         "answers count as misses:\n\n" + to_markdown(wide)
     )
-    answers = [read(m, "answers") for m in evaluations]
-    answers = [a for a in answers if "rank" in a.columns]
-    if not answers:
-        return "\n\n".join(parts)
-    table = pl.concat([a.select("split", "method", "job", "rank") for a in answers])
+    table = pl.concat(
+        [read(m, "answers").select("split", "method", "job", "rank") for m in evaluations]
+    )
     table = table.unique(["split", "method", "job"], keep="first", maintain_order=True)
     methods = set(table["method"])
     pairs = []
