@@ -1,12 +1,12 @@
-"""Rankable DAPO rollouts with and without the slate-SID constraint (`rl.slate_sids`).
+"""Rankable DAPO rollouts with and without the slate constraint (`rl.slate_sids`).
 
-Samples rollouts from the newest completed `sft_<mode>` stage under `var/artifacts` on the RL
-training prompts of a profile (its `rl.temperature` and `rl.max_completion_length`), once with
-transformers' plain `generate` and once through `gr2_core.rl.SlateSIDProcessor`, and tallies
-what the answer filter says of each rollout. Results go to a docs/benchmarks.md section with
-this command.
+Samples rollouts from the newest completed `sft_<mode>` stage (each mode given) under
+`var/artifacts` on the RL training prompts of a profile (its `rl.temperature` and
+`rl.max_completion_length`), once with transformers' plain `generate` and once through
+`gr2_core.rl.SlateSIDProcessor`, and tallies what the answer filter says of each rollout.
+Results go to a docs/benchmarks.md section with this command.
 
-  python benchmarks/rl_rollouts.py --profile rl-cpu --mode targeted --prompts 8 \\
+  python benchmarks/rl_rollouts.py --profile rl-cpu --mode rejection targeted --prompts 8 \\
       --doc docs/benchmarks.md
 """
 
@@ -41,7 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--artifacts", default=str(ROOT / "var" / "artifacts"))
     p.add_argument("--profile", default="rl-cpu")
-    p.add_argument("--mode", default="targeted", choices=["targeted", "rejection"])
+    p.add_argument("--mode", nargs="+", default=["targeted"], choices=["targeted", "rejection"])
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--doc")
@@ -51,10 +51,28 @@ def main() -> None:
     cfg = config.rl
     torch.set_num_threads(cfg.num_threads)
     root = Path(args.artifacts)
-    sft = latest(root, f"sft_{args.mode}")
     cat, slates, sequences = demo_inputs(root)
     cowatch = traces.CoWatch(sequences) if config.teacher.cowatch_notes else None
     rows = training_rows(config, slates, cat, cowatch)[: args.prompts]
+    table = []
+    for mode in args.mode:
+        table += rollouts(latest(root, f"sft_{mode}"), rows, cat, cfg, args.seed)
+    if args.doc:
+        command = "python " + " ".join(sys.argv)
+        replace_section(
+            Path(args.doc),
+            "Rankable rollouts: free vs slate SIDs",
+            f"Command: `{command}` ({os.cpu_count()} cores; students of profile {args.profile}, "
+            f"one rollout per RL training prompt at temperature {cfg.temperature:g}, up to "
+            f"{cfg.max_completion_length} tokens, one batch; outcomes are the answer filter's "
+            "verdicts, `truncated:` = no EOS before the limit)."
+            "\n\n" + to_markdown(pl.DataFrame(table)),
+            "Benchmarks",
+        )
+
+
+def rollouts(sft, rows: list[dict], cat, cfg, seed: int) -> list[dict]:
+    """One batch of rollouts of the `sft` stage's model, free then constrained: table rows."""
     tok = AutoTokenizer.from_pretrained(sft.path("model"))
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(sft.path("model")).eval()
@@ -66,7 +84,7 @@ def main() -> None:
     known = frozenset(cat.sid.values())
     table = []
     for constrained in (False, True):
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         extra = {}
         if constrained:
             extra["logits_processor"] = LogitsProcessorList(
@@ -93,7 +111,8 @@ def main() -> None:
             reason = check_answer(tok.decode(ids), r["slate"], known).reason
             reasons[reason if ended else f"truncated:{reason}"] += 1  # no EOS: reward -1
         row = {
-            "rollouts": "slate SIDs only" if constrained else "free",
+            "student": sft.stage,
+            "rollouts": "slate permutation" if constrained else "free",
             "n": len(rows),
             "rankable": round(reasons["accepted"] / len(rows), 3),
             "outcomes": ", ".join(f"{k} {v}" for k, v in reasons.most_common()),
@@ -102,18 +121,7 @@ def main() -> None:
         }
         print(row, flush=True)
         table.append(row)
-    if args.doc:
-        command = "python " + " ".join(sys.argv)
-        replace_section(
-            Path(args.doc),
-            "Rankable rollouts: free vs slate SIDs",
-            f"Command: `{command}` ({os.cpu_count()} cores; student `{sft.stage}` of profile "
-            f"{args.profile}, one rollout per RL training prompt at temperature "
-            f"{cfg.temperature:g}, up to {cfg.max_completion_length} tokens, one batch; "
-            "outcomes are the answer filter's verdicts, `truncated:` = no EOS before the limit)."
-            "\n\n" + to_markdown(pl.DataFrame(table)),
-            "Benchmarks",
-        )
+    return table
 
 
 if __name__ == "__main__":

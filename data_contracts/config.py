@@ -367,10 +367,6 @@ class SFTConfig(StageConfig):
         return self
 
 
-# the SFT model each RL variant starts from
-RL_SFT_MODE = {"rejection": "rejection", "targeted": "targeted", "unconditional": "rejection"}
-
-
 class RLConfig(StageConfig):
     """DAPO on the SFT reranker with the verifiable ranking reward (SPEC section 5).
 
@@ -382,8 +378,14 @@ class RLConfig(StageConfig):
 
     variants: list[Literal["rejection", "targeted", "unconditional"]] = Field(
         default_factory=lambda: ["rejection", "targeted", "unconditional"],
-        description="RL runs: on SFT-rejection (GR2), on SFT-targeted, and on SFT-rejection with "
-        "the unconditional reward (the reward-hacking ablation). Empty: no RL.",
+        description="RL runs: on SFT-rejection (GR2), on SFT-targeted, and with the "
+        "unconditional reward (the reward-hacking ablation, from `unconditional_start`). "
+        "Empty: no RL.",
+    )
+    unconditional_start: Literal["rejection", "targeted"] = Field(
+        "rejection",
+        description="SFT model the unconditional-reward run starts from: SFT-rejection as in "
+        "the paper's ablation (its twin is RL-rejection), or SFT-targeted (twin RL-targeted).",
     )
     alpha: float = Field(0.2, ge=0, description="Weight of the format reward.")
     slates: int = Field(400, ge=1, description="Training slates (target in the slate) used.")
@@ -428,6 +430,10 @@ class RLConfig(StageConfig):
     @property
     def micro_batch(self) -> int:
         return self.micro_batch_size or self.group_size
+
+    def sft_mode(self, variant: str) -> str:
+        """The trace mode of the SFT model RL `variant` starts from (and its conditional twin)."""
+        return self.unconditional_start if variant == "unconditional" else variant
 
     @model_validator(mode="after")
     def _check(self) -> RLConfig:
@@ -556,7 +562,7 @@ class PipelineConfig(StageConfig):
 
     @model_validator(mode="after")
     def _rl_needs_its_sft(self) -> PipelineConfig:
-        missing = sorted({RL_SFT_MODE[v] for v in self.rl.variants} - set(self.teacher.modes))
+        missing = sorted({self.rl.sft_mode(v) for v in self.rl.variants} - set(self.teacher.modes))
         if missing:
             raise ValueError(
                 f"rl.variants {self.rl.variants} start from SFT on {missing} traces, but "

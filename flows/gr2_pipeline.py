@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from data_contracts.config import RL_SFT_MODE, PipelineConfig, load_profile
+from data_contracts.config import PipelineConfig, load_profile
 from tasks.data import load_data
 from tasks.evaluate import evaluate_baselines, publish
 from tasks.midtrain import evaluate_midtrain, midtrain, provision_student
@@ -63,7 +63,7 @@ def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
         stages += [tuned[mode], scored]
         trained[f"sft_{mode}"] = (tuned[mode], scored)
     for variant in config.rl.variants:  # each starts from its SFT model (checked by the config)
-        policy = rl(config, variant, *slates, tuned[RL_SFT_MODE[variant]], tracking)
+        policy = rl(config, variant, *slates, tuned[config.rl.sft_mode(variant)], tracking)
         scored = evaluate_reranker(config, f"rl_eval_{variant}", *slates, policy, tracking)
         stages += [policy, scored]
         trained[f"rl_{variant}"] = (policy, scored)

@@ -72,6 +72,8 @@ def midtrain_curves(log_history: list[dict], warmup_steps: int, path: Path) -> p
 RL_PANELS = (
     ("rewards/rerank/mean", "reward R"),
     ("monitor/identity_rate", "identity-permutation rate"),
+    ("monitor/kept_rate", "target kept at its input rank"),
+    ("monitor/improved_rate", "target moved up"),
     ("monitor/ndcg_at_5", "rollout NDCG@5"),
     ("monitor/invalid_rate", "invalid-output rate"),
     ("monitor/truncated_rate", "truncated-output rate"),
@@ -79,16 +81,24 @@ RL_PANELS = (
 
 
 def rl_curves(runs: dict[str, list[dict]], path: Path) -> plt.Figure:
-    """Per training step, one line per run: the reward, the identity-permutation rate (the
-    reward-hacking monitor), rollout NDCG@5, the invalid- and the truncated-output rates (TRL
-    log histories)."""
-    fig, axes = plt.subplots(1, len(RL_PANELS), figsize=(3.6 * len(RL_PANELS), 3.2))
-    for ax, (key, title) in zip(axes, RL_PANELS, strict=True):
+    """Per training step, one line per run (TRL log histories): the reward, the identity-
+    permutation rate (the reward-hacking monitor), the shares of rollouts that keep the target
+    at its input rank (copies among them) and that move it up, rollout NDCG@5, the invalid- and
+    the truncated-output rates."""
+    from gr2_core.report import rl_steps
+
+    cols = 4
+    rows_ = -(-len(RL_PANELS) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(3.6 * cols, 3.0 * rows_), squeeze=False)
+    axes = axes.flatten()
+    for ax, (key, title) in zip(axes, RL_PANELS, strict=False):
         for name, history in runs.items():
-            rows = [r for r in history if key in r and "step" in r]
+            rows = [r for r in rl_steps(history) if key in r and "step" in r]
             ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=name)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+    for ax in axes[len(RL_PANELS) :]:
+        ax.axis("off")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -35,13 +35,32 @@ def replace_section(path: Path, heading: str, body: str, title: str) -> str:
     return section
 
 
+KEPT = "monitor/kept_rate"  # derived: rankable answers that left the target where it was
+
 RL_SUMMARY = (
     ("rewards/rerank/mean", "reward"),
     ("monitor/identity_rate", "identity rate"),
+    (KEPT, "target kept"),
+    ("monitor/improved_rate", "target up"),
     ("monitor/ndcg_at_5", "rollout NDCG@5"),
     ("monitor/invalid_rate", "invalid rate"),
     ("completions/mean_length", "completion tokens"),
 )
+
+
+def rl_steps(history: list[dict]) -> list[dict]:
+    """The per-step rows of a DAPO log history, each with `monitor/kept_rate`: the share of
+    rollouts that are rankable and leave the target at its input rank (copies of the input
+    order among them), i.e. 1 - invalid - improved - worsened."""
+    parts = ("monitor/invalid_rate", "monitor/improved_rate", "monitor/worsened_rate")
+    rows = []
+    for r in history:
+        if "monitor/identity_rate" not in r:
+            continue
+        if all(k in r for k in parts):
+            r = r | {KEPT: max(0.0, 1.0 - sum(r[k] for k in parts))}
+        rows.append(r)
+    return rows
 
 
 def rl_training_table(histories: dict[str, list[dict]], window: int = 3) -> pl.DataFrame:
@@ -50,7 +69,7 @@ def rl_training_table(histories: dict[str, list[dict]], window: int = 3) -> pl.D
     before dynamic sampling and its extra generation rounds per step."""
     rows = []
     for name, history in histories.items():
-        steps = [r for r in history if "monitor/identity_rate" in r]
+        steps = rl_steps(history)
         row: dict = {"run": name, "steps": len(steps)}
         for key, label in RL_SUMMARY:
             vals = [r[key] for r in steps if key in r]

@@ -49,6 +49,10 @@ from gr2_core.rewards import (
     monitor,
 )
 
+# the answer's list as json.dumps writes it (gr2_core.sft.answer_segments): between SIDs, and
+# after the last one
+LIST_SEP, LIST_END = '", "', '"]}'
+
 
 def _pad_cat(tensors: list[torch.Tensor], value, left: bool) -> torch.Tensor:
     """Concatenate (B_i, T_i) tensors along the batch, padding the time axis to the widest."""
@@ -106,18 +110,20 @@ def select_groups(outputs: list[dict], picks: list[tuple[int, int]], group: int,
 
 
 class SlateSIDProcessor:
-    """Rollouts whose SIDs come from their own slate (HF `LogitsProcessor` protocol).
+    """Rollouts whose recommendation list is a permutation of their slate (HF `LogitsProcessor`).
 
     Row i of the generation batch belongs to slate `slates[i]`. Outside a SID the model decodes
     freely. From a generated `<|sid_begin|>` until the SID is complete, only tokens that keep
     it a prefix of an allowed SID are kept: any SID of the row's slate in the explanation, and
-    after the `"recommendations"` key a slate SID the list does not hold yet (the teacher's
-    stepwise decoding gives the same guarantee). The JSON, the order, the length of the list
-    (closing it early leaves SIDs missing) and the explanation stay the model's choice, so an
-    answer can still be invalid, and copying the input order is still the safe answer the
-    unconditional reward pays for. What the constraint removes is the malformed, invented or
-    repeated SID, which a small student writes in most answers. The loss still uses the
-    unconstrained model's log-probs of the sampled tokens.
+    after the `"recommendations"` key a slate SID the list does not hold yet. Once the model has
+    started the list with a SID, the list's punctuation is written for it, as the SFT answers
+    have it: `", "` and the next `<|sid_begin|>` while slate SIDs are left, `"]}` and EOS after
+    the last one (the registry's constrained decoding gives the same guarantee). The
+    explanation, whether and how the model opens the list, and the order of the SIDs stay the
+    model's choice: an answer can still be broken or cut off before its list, and copying the
+    input order is still the safe answer the unconditional reward pays for. What the constraint
+    removes is the malformed, invented, repeated or missing SID, which a small student writes in
+    most answers. The loss still uses the unconstrained model's log-probs of the sampled tokens.
     """
 
     def __init__(self, tok, slates: list[list[str]], begin_token: str = "<|sid_begin|>"):
@@ -125,21 +131,35 @@ class SlateSIDProcessor:
         self.begin = tok.convert_tokens_to_ids(begin_token)
         if self.begin is None or self.begin == tok.unk_token_id:
             raise ValueError(f"the tokenizer has no {begin_token!r} token (not a SID student?)")
+        if tok.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token to end a complete list with")
         unique = sorted({s for slate in slates for s in slate})
         self.ids = dict(zip(unique, tok(unique, add_special_tokens=False).input_ids, strict=True))
         self.slates = [list(s) for s in slates]
-        self.open: dict[int, tuple[int, SIDTrie]] = {}  # row -> (SID start, its trie)
+        # what follows a SID of the list (json.dumps' separators, as in the SFT answers)
+        self.next_sid = [*tok(LIST_SEP, add_special_tokens=False).input_ids, self.begin]
+        self.close = [*tok(LIST_END, add_special_tokens=False).input_ids, tok.eos_token_id]
+        # row -> (SID start, its trie, slate SIDs left after it: None outside the list)
+        self.open: dict[int, tuple[int, SIDTrie, int | None]] = {}
         self.start: int | None = None  # the padded prompt length, seen at the first call
 
-    def _trie(self, row: int, before: list[int]) -> SIDTrie:
-        """The SIDs allowed for a SID starting after the generated tokens `before`."""
+    def _trie(self, row: int, before: list[int]) -> tuple[SIDTrie, int | None]:
+        """The SIDs allowed for a SID starting after the generated tokens `before`, and how many
+        slate SIDs the list still lacks once it is written (None: not in the list)."""
         slate = self.slates[row]
         text = self.tok.decode(before, skip_special_tokens=False)
         key = text.rfind('"recommendations"')
-        if key >= 0:  # inside the list: each slate SID once
-            used = set(SID_PATTERN.findall(text[key:]))
-            slate = [s for s in slate if s not in used] or slate
-        return SIDTrie(self.ids[s] for s in slate)
+        if key < 0:
+            return SIDTrie(self.ids[s] for s in slate), None
+        used = set(SID_PATTERN.findall(text[key:]))  # inside the list: each slate SID once
+        left = [s for s in slate if s not in used]
+        return SIDTrie(self.ids[s] for s in left or slate), max(len(left) - 1, 0)
+
+    @staticmethod
+    def _only(scores: torch.FloatTensor, row: int, allowed: list[int]) -> None:
+        keep = scores[row, allowed].clone()
+        scores[row] = float("-inf")
+        scores[row, allowed] = keep
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.start is None:
@@ -151,12 +171,17 @@ class SlateSIDProcessor:
                 continue
             at = len(ids) - 1 - ids[::-1].index(self.begin)
             if self.open.get(row, (None,))[0] != at:
-                self.open[row] = (at, self._trie(row, ids[:at]))
-            allowed = self.open[row][1].allowed(ids[at:])
-            if allowed:  # inside an allowed SID ([]: it is complete)
-                keep = scores[row, allowed].clone()
-                scores[row] = float("-inf")
-                scores[row, allowed] = keep
+                self.open[row] = (at, *self._trie(row, ids[:at]))
+            _, trie, left = self.open[row]
+            sid = ids[at:]
+            allowed = trie.allowed(sid)
+            if allowed:  # inside an allowed SID
+                self._only(scores, row, allowed)
+            elif left is not None:  # after a SID of the list: its punctuation
+                n = next(k for k in range(1, len(sid) + 1) if trie.allowed(sid[:k]) == [])
+                after = self.next_sid if left else self.close
+                if len(sid) - n < len(after):
+                    self._only(scores, row, [after[len(sid) - n]])
         return scores
 
 

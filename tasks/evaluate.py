@@ -10,7 +10,7 @@ from prefect.artifacts import create_table_artifact
 
 import gr2_core.baselines
 import gr2_core.metrics
-from data_contracts.config import RL_SFT_MODE, PipelineConfig
+from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
 from gr2_core.baselines import (
     evaluate_orderings,
@@ -159,8 +159,8 @@ def rl_comparison(
 ) -> str:
     """Markdown: each RL run's monitors (first -> last steps), every reranker's test metrics,
     then on test the paired differences of every RL reranker with the pre-ranker order, its
-    SFT start and the other variants (same slates, same decoding; value [95% paired bootstrap
-    CI])."""
+    SFT start, and RL-rejection with RL-targeted and RL-unconditional with its conditional twin
+    (same slates, same decoding; value [95% paired bootstrap CI])."""
     import polars as pl
 
     ev = config.evaluation
@@ -187,12 +187,13 @@ def rl_comparison(
     pairs = []
     for stage in histories:
         variant = stage.removeprefix("rl_")
+        start = config.rl.sft_mode(variant)
         for ours in sorted(m for m in methods if m.startswith(f"rl-{variant}")):
-            others = ["preranker", ours.replace(f"rl-{variant}", f"sft-{RL_SFT_MODE[variant]}")]
-            if variant == "rejection":
-                others += [
-                    ours.replace("rl-rejection", f"rl-{v}") for v in ("targeted", "unconditional")
-                ]
+            others = ["preranker", ours.replace(f"rl-{variant}", f"sft-{start}")]
+            if variant == "rejection":  # GR2 against the other start
+                others.append(ours.replace("rl-rejection", "rl-targeted"))
+            if variant == "unconditional":  # the ablation against its conditional twin
+                others.append(ours.replace("rl-unconditional", f"rl-{start}"))
             pairs += [(ours, o) for o in others if o in methods]
     diffs = paired_differences(
         table, "test", pairs, RL_COMPARED, ev.bootstrap_samples, ev.confidence, ev.seed

@@ -1,8 +1,9 @@
 """Stages `rl_<variant>`: DAPO on an SFT reranker (evaluated by `tasks.reranker_eval`).
 
 Variants (SPEC section 5): `rejection` (GR2: DAPO from SFT-rejection, conditional reward),
-`targeted` (from SFT-targeted, conditional reward), `unconditional` (from SFT-rejection, the
-unconditional reward, the reward-hacking ablation). The policy sees the student prompt of the
+`targeted` (from SFT-targeted, conditional reward), `unconditional` (the unconditional reward,
+the reward-hacking ablation; from SFT-rejection, or SFT-targeted with
+`rl.unconditional_start`). The policy sees the student prompt of the
 SFT stages; training slates are training-split slates that contain their target.
 """
 

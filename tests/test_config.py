@@ -96,3 +96,23 @@ def test_profile_base_merges_section_by_section(tmp_path):
     (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ValueError, match="cycle"):
         load_profile(tmp_path / "loop.yaml")
+
+
+def test_rl_variants_start_from_their_sft_models():
+    cfg = load_profile("ci")
+    assert [cfg.rl.sft_mode(v) for v in ("rejection", "targeted", "unconditional")] == [
+        "rejection",
+        "targeted",
+        "rejection",
+    ]
+    moved = load_profile("ci", {"rl.unconditional_start": "targeted"})
+    assert moved.rl.sft_mode("unconditional") == "targeted"
+    with pytest.raises(ValidationError, match="targeted"):
+        load_profile(
+            "ci",
+            {
+                "teacher.modes": ["rejection"],
+                "rl.variants": ["unconditional"],
+                "rl.unconditional_start": "targeted",
+            },
+        )

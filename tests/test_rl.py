@@ -177,22 +177,22 @@ def test_dapo_runs_a_few_steps_and_resumes_after_a_crash(tiny, tmp_path):
     assert all(r["reason"] for r in log) and all(r["reward"] == r["reward"] for r in log)
 
 
-def test_slate_sid_processor_allows_slate_sids_once_in_the_list(tokenizer):
+def test_slate_sid_processor_makes_the_list_a_permutation_of_the_slate(tokenizer):
     tok = copy.deepcopy(tokenizer)
     tok.add_tokens(sid_tokens(2, [8, 8]))
-    slates = [[encode_sid([1, 2]), encode_sid([1, 3]), encode_sid([4, 0])]] * 2
+    slates = [[encode_sid([1, 2]), encode_sid([1, 3]), encode_sid([4, 0])]] * 5
     proc = SlateSIDProcessor(tok, slates)
     ids = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
     tid = tok.convert_tokens_to_ids
     vocab = len(tok)
     prompt = ids("rank these")
 
-    def allowed(*generated: str) -> list[set[int]]:
-        rows = [prompt + ids(g) for g in generated]
+    def allowed(*generated: str | list[int]) -> list[set[int]]:
+        rows = [prompt + (g if isinstance(g, list) else ids(g)) for g in generated]
         width = max(map(len, rows))
         batch = torch.tensor([[tok.pad_token_id or 0] * (width - len(r)) + r for r in rows])
         p = SlateSIDProcessor(tok, slates[: len(rows)])
-        p.start = width - max(len(ids(g)) for g in generated)  # what the first call would see
+        p.start = len(prompt)  # what the first call would see (the rows' own padding aside)
         out = p(batch, torch.zeros(len(rows), vocab))
         return [set(torch.nonzero(torch.isfinite(r)).flatten().tolist()) for r in out]
 
@@ -201,32 +201,52 @@ def test_slate_sid_processor_allows_slate_sids_once_in_the_list(tokenizer):
     assert len(free) == vocab
     assert first == {tid("<s_a_1>"), tid("<s_a_4>")}
     # in the explanation a SID may be cited again; in the list each slate SID once
+    head = '{"explanation": "x", "recommendations": ["'
     cited, listed = allowed(
         f'{{"explanation": "{slates[0][0]} <|sid_begin|><s_a_1>',
-        f'{{"explanation": "x", "recommendations": ["{slates[0][0]}", "<|sid_begin|><s_a_1>',
+        f'{head}{slates[0][0]}", "<|sid_begin|><s_a_1>',
     )
     assert cited == {tid("<s_b_2>"), tid("<s_b_3>")}
     assert listed == {tid("<s_b_3>")}
-    # a complete SID frees the next token
-    (done,) = allowed(f'{{"explanation": "{slates[0][1]}')
-    assert len(done) == vocab
+    # after a SID of the explanation the model is free; in the list the punctuation is forced:
+    # '", "' and the next <|sid_begin|> while SIDs are left, '"]}' and EOS after the last
+    sep, end = ids('", "'), ids('"]}')
+    one = ids(head + slates[0][2])
+    three = ids(f'{head}{slates[0][2]}", "{slates[0][0]}", "{slates[0][1]}')
+    cited_done, *after_one = allowed(
+        f'{{"explanation": "{slates[0][1]}', *(one + sep[:k] for k in range(len(sep) + 1))
+    )
+    assert len(cited_done) == vocab
+    assert after_one == [{t} for t in [*sep, tid("<|sid_begin|>")]]
+    after_three = allowed(*(three + end[:k] for k in range(len(end) + 1)))
+    assert after_three == [{t} for t in [*end, tok.eos_token_id]]
+    (done,) = allowed(three + end + [tok.eos_token_id])
+    assert len(done) == vocab  # finished (generate pads the row from here)
     with pytest.raises(ValueError, match="rows for"):
         proc(torch.tensor([prompt]), torch.zeros(1, vocab))
     with pytest.raises(ValueError, match="no '<\\|sid_begin\\|>' token"):
         SlateSIDProcessor(tokenizer, slates)
 
 
-def test_rl_training_table_reports_first_and_last_steps():
+def test_rl_training_table_and_curves_report_the_steps(tmp_path):
+    from gr2_core.plots import RL_PANELS, rl_curves
     from gr2_core.report import rl_training_table
 
     history = [
         {"step": k, "monitor/identity_rate": k / 10, "rewards/rerank/mean": -1 + k / 10}
         | {"dynamic/zero_std_before": 0.5, "dynamic/extra_rounds": k % 2}
+        | {"monitor/invalid_rate": 0.5, "monitor/improved_rate": 0.125}
+        | {"monitor/worsened_rate": 0.25 if k < 4 else 0.0}
         for k in range(1, 7)
     ] + [{"train_runtime": 12.0}]
     row = rl_training_table({"rl-rejection": history}, window=3).row(0, named=True)
     assert row["steps"] == 6
     assert row["identity rate"] == "0.2 -> 0.5"  # mean of steps 1-3, then of steps 4-6
     assert row["reward"] == "-0.8 -> -0.5"
-    assert row["invalid rate"] == "-"  # not logged: shown as missing, not as 0
+    assert row["target kept"] == "0.125 -> 0.375"  # 1 - invalid - improved - worsened
+    assert row["completion tokens"] == "-"  # not logged: shown as missing, not as 0
     assert (row["zero-variance groups"], row["extra rounds / step"]) == ("0.5", "0.5")
+    fig = rl_curves({"rl-rejection": history}, tmp_path / "curves.png")
+    kept = fig.axes[[k for k, _ in RL_PANELS].index("monitor/kept_rate")].lines[0]
+    assert list(kept.get_ydata()) == [0.125] * 3 + [0.375] * 3
+    assert (tmp_path / "curves.png").stat().st_size > 0
