@@ -70,7 +70,8 @@ def midtrain_curves(log_history: list[dict], warmup_steps: int, path: Path) -> p
 
 
 RL_PANELS = (
-    ("rewards/rerank/mean", "reward R"),
+    ("rewards/rerank/mean", "reward R (the run's own)"),
+    ("rewards/rank/mean", "rank reward R_rank (0: unrankable)"),
     ("monitor/identity_rate", "identity-permutation rate"),
     ("monitor/kept_rate", "target kept at its input rank"),
     ("monitor/improved_rate", "target moved up"),
@@ -81,8 +82,9 @@ RL_PANELS = (
 
 
 def rl_curves(runs: dict[str, list[dict]], path: Path) -> plt.Figure:
-    """Per training step, one line per run (TRL log histories): the reward, the identity-
-    permutation rate (the reward-hacking monitor), the shares of rollouts that keep the target
+    """Per training step, one line per run (TRL log histories): the reward, the rank reward
+    (the same scale for every variant), the identity-permutation rate (the reward-hacking
+    monitor), the shares of rollouts that keep the target
     at its input rank (copies among them) and that move it up, rollout NDCG@5, the invalid- and
     the truncated-output rates."""
     from gr2_core.report import rl_steps

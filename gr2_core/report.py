@@ -39,6 +39,7 @@ KEPT = "monitor/kept_rate"  # derived: rankable answers that left the target whe
 
 RL_SUMMARY = (
     ("rewards/rerank/mean", "reward"),
+    ("rewards/rank/mean", "rank reward"),
     ("monitor/identity_rate", "identity rate"),
     (KEPT, "target kept"),
     ("monitor/improved_rate", "target up"),
