@@ -417,8 +417,9 @@ class RLConfig(StageConfig):
     )
     slate_sids: bool = Field(
         True,
-        description="Rollouts may only write SIDs of their slate, each once in the list "
-        "(transformers generate only); JSON, order and length stay free.",
+        description="Rollouts may only write SIDs of their slate; once a rollout starts its "
+        "list, the list is a permutation of the slate (punctuation and end written for it). "
+        "The explanation and the order stay free (transformers generate only).",
     )
     save_steps: int = Field(10, ge=1, description="Checkpoint interval (resume point).")
     num_threads: int = Field(2, ge=1)

@@ -84,9 +84,8 @@ RL_PANELS = (
 def rl_curves(runs: dict[str, list[dict]], path: Path) -> plt.Figure:
     """Per training step, one line per run (TRL log histories): the reward, the rank reward
     (the same scale for every variant), the identity-permutation rate (the reward-hacking
-    monitor), the shares of rollouts that keep the target
-    at its input rank (copies among them) and that move it up, rollout NDCG@5, the invalid- and
-    the truncated-output rates."""
+    monitor), the shares of rollouts that keep the target at its input rank (copies among
+    them) and that move it up, rollout NDCG@5, the invalid- and the truncated-output rates."""
     from gr2_core.report import rl_steps
 
     cols = 4

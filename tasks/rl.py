@@ -2,9 +2,9 @@
 
 Variants (SPEC section 5): `rejection` (GR2: DAPO from SFT-rejection, conditional reward),
 `targeted` (from SFT-targeted, conditional reward), `unconditional` (the unconditional reward,
-the reward-hacking ablation; from SFT-rejection, or SFT-targeted with
-`rl.unconditional_start`). The policy sees the student prompt of the
-SFT stages; training slates are training-split slates that contain their target.
+the reward-hacking ablation; from SFT-rejection, or SFT-targeted with `rl.unconditional_start`).
+The policy sees the student prompt of the SFT stages; training slates are training-split slates
+that contain their target.
 """
 
 from __future__ import annotations
