@@ -207,6 +207,7 @@ def acceptance(args, cat, slates, sequences, model_dir: Path, logs: Path) -> lis
                     kp,
                     cowatch if kp else None,
                     cfg.seed,
+                    min_explanation_chars=cfg.min_explanation_chars,
                 )
                 stats, per_attempt = tr.filter_stats(tr.attempts_table([path]), len(jobs))
                 row = {

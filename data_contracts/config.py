@@ -56,19 +56,31 @@ class DataConfig(StageConfig):
     )
     min_user_interactions: int = Field(5, ge=1, description="k-core threshold for users.")
     min_item_interactions: int = Field(5, ge=1, description="k-core threshold for items.")
-    max_history: int = Field(50, ge=1, description="History cap: items kept before a position.")
-    prompt_history: int = Field(20, ge=1, description="Most recent items shown in a prompt.")
+    max_history: int = Field(
+        50,
+        ge=1,
+        description="History cap: items kept before a position (a prompt shows the last "
+        "`teacher.history_items` of them).",
+    )
     max_users: int | None = Field(
         None, ge=10, description="Keep a seeded random subset of users (small profiles only)."
     )
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_settings(cls, data: object) -> object:
+        if isinstance(data, dict) and "prompt_history" in data:
+            raise ValueError(
+                "data.prompt_history was removed (it was never read): the prompt shows the last "
+                "`teacher.history_items` history items; set that instead"
+            )
+        return data
+
     @model_validator(mode="after")
     def _check_paths(self) -> DataConfig:
         if self.dataset == "custom" and not (self.interactions_path and self.items_path):
             raise ValueError("dataset 'custom' needs interactions_path and items_path")
-        if self.prompt_history > self.max_history:
-            raise ValueError("prompt_history must be <= max_history")
         return self
 
 
@@ -78,8 +90,10 @@ class SplitConfig(StageConfig):
     holdout: int = Field(
         5,
         ge=3,
-        description="m: the pre-ranker trains on each sequence minus its last m items; reranker "
-        "samples come from positions n-m..n-3 (train), n-2 (valid), n-1 (test).",
+        description="m: the pre-ranker sees each sequence minus its last m items (the last of "
+        "those prefix items is its early-stopping target); reranker samples come from "
+        "positions n-m..n-3 (train), n-2 (valid), n-1 (test). data.min_user_interactions must "
+        "be >= m.",
     )
 
 
@@ -140,7 +154,11 @@ class SemanticIdConfig(StageConfig):
     batch_size: int = Field(256, ge=2)
     lr: float = Field(1e-3, gt=0)
     beta: float = Field(0.25, ge=0, description="Commitment weight.")
-    kmeans_init: bool = Field(True, description="Initialise each level by k-means on residuals.")
+    kmeans_init: bool = Field(
+        True,
+        description="Initialise each level by k-means on residuals (off: on the residuals of "
+        "randomly drawn items).",
+    )
     ema: bool = Field(True, description="EMA codebook updates instead of a codebook loss.")
     ema_decay: float = Field(0.99, ge=0.9, lt=1.0, description="gamma; paper range 0.95-0.99.")
     diversity_weight: float = Field(0.0, ge=0, description="lambda of lambda*C*sum_j p_j^2.")
@@ -306,6 +324,12 @@ class TeacherConfig(StageConfig):
     top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(512, ge=16, description="Completion cap per answer.")
     explanation_chars: int = Field(400, ge=20, description="Explanation cap (structured output).")
+    min_explanation_chars: int = Field(
+        20,
+        ge=0,
+        description="Filter rule: an answer whose explanation (stripped) is shorter is rejected "
+        "as `short_explanation` (0: off). The RL reward does not use it.",
+    )
     shards: int = Field(4, ge=1, description="Shard files (resume and fan-out unit).")
     parallel_shards: int = Field(1, ge=1, description="Shards run at once on the task runner.")
     hf_batch_size: int = Field(8, ge=1)
@@ -329,6 +353,15 @@ class TeacherConfig(StageConfig):
             "num_threads",
         }
     )
+
+    @model_validator(mode="after")
+    def _check_explanation_bounds(self) -> TeacherConfig:
+        if self.min_explanation_chars > self.explanation_chars:
+            raise ValueError(
+                f"teacher.min_explanation_chars ({self.min_explanation_chars}) must be <= "
+                f"teacher.explanation_chars ({self.explanation_chars}), or no answer can pass"
+            )
+        return self
 
 
 class SFTConfig(StageConfig):
@@ -391,16 +424,35 @@ class RLConfig(StageConfig):
     slates: int = Field(400, ge=1, description="Training slates (target in the slate) used.")
     group_size: int = Field(8, ge=2, description="Completions per prompt (the GRPO group).")
     prompts_per_step: int = Field(2, ge=1, description="Groups per optimizer step.")
+    mini_batches: int = Field(
+        2,
+        ge=1,
+        description="Optimizer steps per rollout batch: the batch's completions are shuffled "
+        "and split into this many mini-batches, each one optimizer step (DAPO: 16). From the "
+        "second on the policy has moved, so the importance ratio differs from 1 and "
+        "clip-higher binds; 1 is fully on-policy (ratio 1, the clip never acts).",
+    )
+    num_iterations: int = Field(
+        1,
+        ge=1,
+        description="Passes over each rollout batch (GRPO's mu); each pass makes "
+        "`mini_batches` optimizer steps.",
+    )
     micro_batch_size: int | None = Field(
         None,
         ge=1,
-        description="Completions per forward/backward pass (gradients accumulate over the "
-        "step); None: one group. Must divide group_size * prompts_per_step.",
+        description="Completions per forward/backward pass (gradients accumulate over a "
+        "mini-batch); None: one group. Must divide the mini-batch.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (long prompts, low RAM)."
     )
-    max_steps: int = Field(100, ge=1)
+    max_steps: int = Field(
+        100,
+        ge=1,
+        description="Optimizer steps; rollout batches = max_steps / (mini_batches x "
+        "num_iterations).",
+    )
     lr: float = Field(1e-6, gt=0, description="Paper scale: 5e-7 to 1e-6.")
     warmup_steps: int = Field(0, ge=0)
     temperature: float = Field(1.0, gt=0)
@@ -421,7 +473,12 @@ class RLConfig(StageConfig):
         "list, the list is a permutation of the slate (punctuation and end written for it). "
         "The explanation and the order stay free (transformers generate only).",
     )
-    save_steps: int = Field(10, ge=1, description="Checkpoint interval (resume point).")
+    save_steps: int = Field(
+        10,
+        ge=1,
+        description="Checkpoint interval in optimizer steps (resume point); a multiple of "
+        "mini_batches x num_iterations, so a checkpoint never splits a rollout batch.",
+    )
     num_threads: int = Field(2, ge=1)
     seed: int = 0
 
@@ -432,17 +489,43 @@ class RLConfig(StageConfig):
     def micro_batch(self) -> int:
         return self.micro_batch_size or self.group_size
 
+    @property
+    def rollout_batch(self) -> int:
+        """Completions generated per rollout batch."""
+        return self.group_size * self.prompts_per_step
+
+    @property
+    def mini_batch(self) -> int:
+        """Completions per optimizer step."""
+        return self.rollout_batch // self.mini_batches
+
+    @property
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps made on one rollout batch."""
+        return self.mini_batches * self.num_iterations
+
     def sft_mode(self, variant: str) -> str:
         """The trace mode of the SFT model RL `variant` starts from (and its conditional twin)."""
         return self.unconditional_start if variant == "unconditional" else variant
 
     @model_validator(mode="after")
     def _check(self) -> RLConfig:
-        total = self.group_size * self.prompts_per_step
-        if total % self.micro_batch:
+        total = self.rollout_batch
+        if total % self.mini_batches:
             raise ValueError(
-                f"rl.micro_batch_size ({self.micro_batch}) must divide group_size x "
+                f"rl.mini_batches ({self.mini_batches}) must divide group_size x "
                 f"prompts_per_step ({total})"
+            )
+        if self.mini_batch % self.micro_batch:
+            raise ValueError(
+                f"rl.micro_batch_size ({self.micro_batch}) must divide the mini-batch "
+                f"(group_size x prompts_per_step / mini_batches = {self.mini_batch})"
+            )
+        if self.save_steps % self.steps_per_rollout:
+            raise ValueError(
+                f"rl.save_steps ({self.save_steps}) must be a multiple of mini_batches x "
+                f"num_iterations ({self.steps_per_rollout}): a checkpoint inside a rollout "
+                "batch would lose the rest of that batch on resume"
             )
         if self.epsilon_high < self.epsilon_low:
             raise ValueError("rl.epsilon_high must be >= rl.epsilon_low (clip-higher)")
@@ -490,11 +573,20 @@ class RegistryConfig(StageConfig):
         default_factory=lambda: ["recall@5", "ndcg@5"],
         description="Metrics on which the challenger must not be worse (recall@K, ndcg@K).",
     )
-    margin: float = Field(0.0, ge=0, description="Tolerated loss on each gated metric.")
+    margin: float = Field(
+        0.02, ge=0, description="Non-inferiority margin: tolerated loss on each gated metric."
+    )
     non_inferiority: bool = Field(
-        False,
-        description="Stricter rule: the difference's CI must lie above -margin (default: it "
-        "must not lie entirely below it).",
+        True,
+        description="The difference's CI must lie above -margin (non-inferiority). False: the "
+        "permissive rule, it must only not lie entirely below -margin.",
+    )
+    min_slates: int = Field(
+        200,
+        ge=1,
+        description="Fewest frozen-set (validation) slates a challenger/champion comparison "
+        "may rest on; fewer refuses the promotion. The first champion is decided on the rate "
+        "limits alone.",
     )
     bootstrap_samples: int = Field(1000, ge=10)
     confidence: float = Field(0.95, gt=0, lt=1)
@@ -558,6 +650,16 @@ class PipelineConfig(StageConfig):
             raise ValueError(
                 f"registry.candidate {c!r} is not trained by this config (trained: "
                 f"{self.trained_rerankers() or 'none'}); pick one of those, midtrain or auto"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _users_cover_the_holdout(self) -> PipelineConfig:
+        if self.data.min_user_interactions < self.split.holdout:
+            raise ValueError(
+                f"data.min_user_interactions ({self.data.min_user_interactions}) must be >= "
+                f"split.holdout ({self.split.holdout}): a shorter user has no pre-ranker prefix "
+                "that is free of its own reranker targets"
             )
         return self
 

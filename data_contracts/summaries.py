@@ -29,6 +29,7 @@ SUMMARY_SCORES = pa.DataFrameSchema(
         "condition": pa.Column(pl.Utf8, nullable=False),
         "system": pa.Column(pl.Utf8, nullable=False),
         "id": pa.Column(pl.Utf8, nullable=False),
+        "doc_id": pa.Column(pl.Utf8, nullable=False),  # the unit the bootstrap resamples
         "prediction": pa.Column(pl.Utf8, nullable=False),
         "rouge1": pa.Column(pl.Float64, nullable=False, checks=pa.Check.in_range(0, 1)),
         "rouge2": pa.Column(pl.Float64, nullable=False, checks=pa.Check.in_range(0, 1)),

@@ -65,8 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             text = (
                 f"Command: `{command}`. Every trained reranker of the run and the pre-ranker "
                 "order on the same slates (`sft.eval_slates` per split): conditional = slates "
-                "that contain the target; end_to_end = all slates (the pre-ranker's coverage x "
-                "conditional). Value [95% bootstrap CI]; invalid answers count as misses; "
+                "that contain the target; end_to_end = all slates of the split (the "
+                "pre-ranker's coverage x conditional, both resampled for the interval); n = "
+                "slates decoded. Value [95% bootstrap CI]; invalid answers count as misses; "
                 "seconds = generation time per slate. `constrained`: the list decoded as a "
                 "permutation of the slate (what the registered model serves).\n\n"
                 f"{result['reranker_report']}"
@@ -114,7 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             body = (
                 f"Command: `{command}` (stage wall time on {os.cpu_count()} cores: {timed}).\n\n"
                 f"Teacher acceptance (a slate is accepted when one attempt passes the filter with "
-                f"the target first):\n\n{summary}\n\nRerankers on conditional slates, value "
+                f"the target first):\n\n{summary}\n\nTeacher outputs: "
+                f"{result.get('traces_digest', '')}.\n\nRerankers on conditional slates, value "
                 f"[95% bootstrap CI]; invalid answers count as misses; seconds = generation time "
                 f"per slate:\n\n{result['reranker_report']}\n"
             )
@@ -213,13 +215,16 @@ def cmd_ctc(args: argparse.Namespace) -> int:
 
         command = "gr2 " + " ".join(argv_for_doc(args, command="ctc"))
         source = config.data.source if config.data.source == "jsonl" else "ACLSum"
-        heading = f"CTC summarization, {source} test (profile {config.profile})"
+        overrides = "".join(f", {s}" for s in args.set)  # a variant gets its own section
+        heading = f"CTC summarization, {source} test (profile {config.profile}{overrides})"
         secs = ", ".join(
             f"{s} {v:.0f} s" for s, v in result["stage_seconds"].items() if v is not None
         )
         note = (
             f"Command: `{command}` (flow wall time {seconds:.0f} s on {os.cpu_count()} cores; "
-            f"stages: {secs or 'cached'}). Mean [95% bootstrap CI] over test pairs; order = "
+            f"stages: {secs or 'cached'}). Mean [95% bootstrap CI] over test pairs; the "
+            "intervals are clustered by document: each resample draws documents (papers) with "
+            "all their pairs (aspects), which are not independent; order = "
             "Kendall tau between summary order and the source positions of its words; "
             "summaries/s and latency one document at a time. Simulated ASR noise: word "
             "deletions, substitutions and insertions at the given rate (seeded), not real ASR."

@@ -19,7 +19,7 @@ slates that contain the target.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import polars as pl
@@ -73,24 +73,56 @@ def per_sample_metrics(
 
 
 def bootstrap_ci(
-    values: dict[str, np.ndarray], samples: int, confidence: float, seed: int
+    values: dict[str, np.ndarray],
+    samples: int,
+    confidence: float,
+    seed: int,
+    clusters: Sequence[Hashable] | None = None,
 ) -> dict[str, tuple[float, float, float]]:
     """(mean, low, high) per metric: percentile bootstrap over samples, shared resamples.
 
     All metrics use the same resampled index sets, so their intervals are consistent.
+    `clusters` (one label per sample) makes it a cluster bootstrap: each resample draws as many
+    clusters as there are, with replacement, and averages every sample of the drawn clusters, so
+    correlated samples (the aspect summaries of one paper) count as one unit of evidence.
     """
     n = len(next(iter(values.values()))) if values else 0
     if n == 0:
         return {name: (float("nan"),) * 3 for name in values}
     rng = np.random.default_rng(seed)
     alpha = (1 - confidence) / 2
+    resample = (
+        _iid_means(n, samples, rng)
+        if clusters is None
+        else _cluster_means(clusters, n, samples, rng)
+    )
     out = {}
-    idx = rng.integers(0, n, size=(samples, n))
     for name, vals in values.items():
-        means = vals[idx].mean(axis=1)
-        lo, hi = np.quantile(means, [alpha, 1 - alpha])
+        lo, hi = np.quantile(resample(vals), [alpha, 1 - alpha])
         out[name] = (float(vals.mean()), float(lo), float(hi))
     return out
+
+
+def _iid_means(
+    n: int, samples: int, rng: np.random.Generator
+) -> Callable[[np.ndarray], np.ndarray]:
+    """values (n,) -> (samples,) means of i.i.d. resamples of the n samples."""
+    idx = rng.integers(0, n, size=(samples, n))
+    return lambda vals: vals[idx].mean(axis=1)
+
+
+def _cluster_means(
+    clusters: Sequence[Hashable], n: int, samples: int, rng: np.random.Generator
+) -> Callable[[np.ndarray], np.ndarray]:
+    """values (n,) -> (samples,) means over resamples of whole clusters (numbered in order of
+    first appearance), weighted by cluster size."""
+    if len(clusters) != n:
+        raise ValueError(f"{len(clusters)} cluster labels for {n} samples")
+    number = {c: i for i, c in enumerate(dict.fromkeys(clusters))}
+    member = np.array([number[c] for c in clusters])  # (n,) cluster index of each sample
+    idx = rng.integers(0, len(number), size=(samples, len(number)))  # drawn clusters
+    drawn = np.bincount(member)[idx].sum(axis=1)  # (samples,) samples per resample
+    return lambda vals: np.bincount(member, weights=vals)[idx].sum(axis=1) / drawn
 
 
 def rank_of(target: str, ordered: Sequence[str]) -> int | None:

@@ -78,6 +78,8 @@ RL_PANELS = (
     ("monitor/ndcg_at_5", "rollout NDCG@5"),
     ("monitor/invalid_rate", "invalid-output rate"),
     ("monitor/truncated_rate", "truncated-output rate"),
+    ("monitor/top1_demoted_rate", "target demoted from first"),
+    ("clip_ratio/region_mean", "clipped token share"),
 )
 
 
@@ -85,7 +87,9 @@ def rl_curves(runs: dict[str, list[dict]], path: Path) -> plt.Figure:
     """Per training step, one line per run (TRL log histories): the reward, the rank reward
     (the same scale for every variant), the identity-permutation rate (the reward-hacking
     monitor), the shares of rollouts that keep the target at its input rank (copies among
-    them) and that move it up, rollout NDCG@5, the invalid- and the truncated-output rates."""
+    them) and that move it up, rollout NDCG@5, the invalid- and the truncated-output rates, the
+    rate of demoted first-place targets, and the share of tokens the DAPO clip acted on (logged
+    on every optimizer step; the rollout monitors once per rollout batch)."""
     from gr2_core.report import rl_steps
 
     cols = 4
@@ -94,7 +98,8 @@ def rl_curves(runs: dict[str, list[dict]], path: Path) -> plt.Figure:
     axes = axes.flatten()
     for ax, (key, title) in zip(axes, RL_PANELS, strict=False):
         for name, history in runs.items():
-            rows = [r for r in rl_steps(history) if key in r and "step" in r]
+            source = history if key.startswith("clip_ratio/") else rl_steps(history)
+            rows = [r for r in source if key in r and "step" in r]
             ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")

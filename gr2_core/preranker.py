@@ -11,6 +11,14 @@ The user representation at a position is the last hidden state over its (capped)
 item representations are the input embedding rows (tied weights), indexed with faiss
 `IndexFlatIP`; candidates are the top `slate_size` items by inner product, excluding every item
 already in the user's prefix.
+
+Early stopping needs a position that is out of sample twice: the pre-ranker must not train on it,
+and it must not be a reranker sample, or choosing the epoch on it fits the pre-ranker to the very
+slates it later produces. The split gives the pre-ranker each user's items[: n-m]; reranker
+samples are positions n-m..n-1. `hold_out_monitor` takes one more item off every prefix: the
+model trains on items[: n-m-1] and is monitored on predicting s_{n-m-1} from items[: n-m-1], a
+position that is neither (the last item of the prefix, before the first reranker sample). The
+cost is one training transition per user.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from data_contracts.config import PrerankerConfig
 from data_contracts.tables import SLATES, validate
 
 PAD = 0
+Monitor = tuple[list[list[int]], list[int]]  # (histories, targets) scored by early stopping
 
 
 class SASRec(nn.Module):
@@ -119,6 +128,19 @@ def training_windows(seqs: Sequence[Sequence[int]], max_len: int) -> torch.Tenso
             windows.append(seq[start:end])
             end = start + 1 if start > 0 else 0
     return pad_left(windows, max_len + 1)
+
+
+def hold_out_monitor(prefixes: Sequence[Sequence[int]]) -> tuple[list[list[int]], Monitor]:
+    """Training sequences and the early-stopping monitor from the split's pre-ranker prefixes.
+
+    Each prefix (a user's items[: n-m], at least 2 items) loses its last item: training gets
+    items[: n-m-1] and the monitor scores (items[: n-m-1] -> s_{n-m-1}), a position that is
+    neither trained on nor a reranker sample (see the module docstring)."""
+    short = sum(len(p) < 2 for p in prefixes)
+    if short:
+        raise ValueError(f"{short} pre-ranker prefixes have fewer than 2 items: no monitor target")
+    train = [list(p[:-1]) for p in prefixes]
+    return train, (train, [p[-1] for p in prefixes])
 
 
 @torch.no_grad()

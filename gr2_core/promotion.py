@@ -4,12 +4,15 @@ Both models are scored slate by slate on the same slates (the set's digest must 
 champion scored on another set is re-scored first). The challenger is promoted when
 
 - its invalid rate and identity rate are at most the configured limits, and
-- on every gated metric (default R@5 and NDCG@5) it is not worse than the champion: the paired
-  bootstrap interval of (challenger - champion), over slates, does not lie entirely below
-  `-margin`. With `non_inferiority` the rule is stricter: the interval's lower end must be at
-  least `-margin`, so a small evaluation set cannot promote by lack of evidence.
+- the comparison rests on at least `min_slates` slates (a smaller set refuses: its intervals
+  are too wide to tell a better model from a worse one), and
+- on every gated metric (default R@5 and NDCG@5) it is non-inferior to the champion: the lower
+  end of the paired bootstrap interval of (challenger - champion), over slates, is at least
+  `-margin`. With `non_inferiority` off the rule is permissive: the interval's upper end must be
+  at least `-margin`, so a set too small to show anything promotes by lack of evidence.
 
-The first model (no champion yet) is promoted when its rates are within the limits.
+The first model (no champion yet) is promoted when its rates are within the limits. The frozen
+set is made of validation slates; test results are reported, never decided on.
 
 `paired_differences` reports the same paired comparison for any two rerankers of an evaluation
 (RL vs the pre-ranker order, RL vs SFT) without deciding anything.
@@ -84,8 +87,9 @@ class Gate:
     max_invalid_rate: float = 0.2
     max_identity_rate: float = 0.5
     metrics: tuple[str, ...] = ("recall@5", "ndcg@5")
-    margin: float = 0.0
-    non_inferiority: bool = False
+    margin: float = 0.02
+    non_inferiority: bool = True
+    min_slates: int = 200
     samples: int = 1000
     confidence: float = 0.95
     seed: int = 0
@@ -150,6 +154,16 @@ def decide(challenger: pl.DataFrame, champion: pl.DataFrame | None, gate: Gate) 
     else:
         both = _aligned(challenger, champion)
         n = both.height
+        enough = n >= gate.min_slates
+        checks.append(
+            {"check": "slates", "challenger": float(n), "champion": float(n), "limit": ""}
+            | {"limit": f">= {gate.min_slates}", "pass": enough}
+        )
+        if not enough:
+            reasons.append(
+                f"only {n} frozen-set slates; a comparison needs at least {gate.min_slates} "
+                "(registry.min_slates; raise sft.eval_slates)"
+            )
         for metric in gate.metrics:
             ours = metric_values(both["rank"].to_numpy(), metric)
             theirs = metric_values(both["rank_champion"].to_numpy(), metric)

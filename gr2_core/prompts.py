@@ -13,7 +13,8 @@ and rejection (nothing revealed; an answer is kept only if its top-1 is the targ
 
 `check_answer` is the rejection filter: strict JSON and nothing around it, the schema, every
 recommended SID a candidate, each exactly once, every SID cited in the explanation a known item,
-and (optionally) the target first. It returns the first failed rule as the rejection reason.
+(optionally) an explanation of at least a minimum length, and (optionally) the target first. It
+returns the first failed rule as the rejection reason.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ REASONS = (
     "duplicate",
     "missing",
     "unknown_cited_sid",
+    "short_explanation",
     "wrong_top1",
 )
 
@@ -166,11 +168,14 @@ def check_answer(
     slate_sids: Sequence[str],
     valid_sids: set[str] | frozenset[str] | None,
     target_sid: str | None = None,
+    min_explanation_chars: int = 0,
 ) -> Verdict:
     """Apply the filter rules in order; `target_sid` given -> the top-1 must be it.
 
     `valid_sids`: the catalogue's SIDs; None skips the two catalogue rules (unknown SID in the
-    list, unknown SID cited in the explanation) and keeps the slate rules."""
+    list, unknown SID cited in the explanation) and keeps the slate rules.
+    `min_explanation_chars`: the explanation, stripped, must have at least this many characters
+    (the teacher filter sets it; 0, the default, turns the rule off)."""
     answer, reason = parse_answer(text)
     if answer is None:
         return Verdict(False, reason)
@@ -187,6 +192,8 @@ def check_answer(
     cited = SID_PATTERN.findall(answer.explanation)
     if valid_sids is not None and any(s not in valid_sids for s in cited):
         return Verdict(False, "unknown_cited_sid", answer)
+    if len(answer.explanation.strip()) < min_explanation_chars:
+        return Verdict(False, "short_explanation", answer)
     if target_sid is not None and recs[0] != target_sid:
         return Verdict(False, "wrong_top1", answer)
     return Verdict(True, "accepted", answer)

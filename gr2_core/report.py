@@ -45,6 +45,7 @@ RL_SUMMARY = (
     ("monitor/improved_rate", "target up"),
     ("monitor/ndcg_at_5", "rollout NDCG@5"),
     ("monitor/invalid_rate", "invalid rate"),
+    ("monitor/top1_demoted_rate", "top-1 demoted"),
     ("completions/mean_length", "completion tokens"),
 )
 
@@ -65,9 +66,10 @@ def rl_steps(history: list[dict]) -> list[dict]:
 
 
 def rl_training_table(histories: dict[str, list[dict]], window: int = 3) -> pl.DataFrame:
-    """Per RL run: steps, and each monitor's mean over the first and the last `window` steps
-    ("first -> last"), from TRL log histories; plus the mean share of zero-variance groups
-    before dynamic sampling and its extra generation rounds per step."""
+    """Per RL run: rollout batches ("steps") and each monitor's mean over the first and the last
+    `window` of them ("first -> last"), from TRL log histories; the mean share of zero-variance
+    groups before dynamic sampling and its extra generation rounds per batch; and the mean share
+    of tokens the DAPO clip acted on over all optimizer steps."""
     rows = []
     for name, history in histories.items():
         steps = rl_steps(history)
@@ -86,5 +88,7 @@ def rl_training_table(histories: dict[str, list[dict]], window: int = 3) -> pl.D
         ):
             vals = [r[key] for r in steps if key in r]
             row[label] = f"{sum(vals) / len(vals):.3g}" if vals else "-"
+        clipped = [r["clip_ratio/region_mean"] for r in history if "clip_ratio/region_mean" in r]
+        row["clipped tokens"] = f"{sum(clipped) / len(clipped):.3g}" if clipped else "-"
         rows.append(row)
     return pl.DataFrame(rows)

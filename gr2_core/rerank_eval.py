@@ -61,6 +61,25 @@ def coverage(slates: pl.DataFrame, split: str) -> tuple[float, int]:
     return float(pool["target_rank"].is_not_null().mean()), pool.height
 
 
+def end_to_end_ci(
+    values: np.ndarray, share: float, total: int, samples: int, confidence: float, seed: int
+) -> tuple[float, float, float]:
+    """(value, low, high) of an end-to-end metric: coverage x its conditional mean, where the
+    conditional values come from the decoded slates and the coverage from all `total` slates of
+    the split. Both are resampled (the decoded slates with replacement, the covered count as a
+    binomial draw, i.e. a bootstrap of the covered flags of every slate), so the interval holds
+    the uncertainty of both instead of treating the coverage as exact."""
+    if len(values) == 0 or total == 0:
+        return (float("nan"),) * 3
+    rng = np.random.default_rng(seed + 1)
+    idx = rng.integers(0, len(values), size=(samples, len(values)))  # (samples, n)
+    conditional = values[idx].mean(axis=1)
+    covered = rng.binomial(total, share, size=samples) / total
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(conditional * covered, [alpha, 1 - alpha])
+    return share * float(values.mean()), float(lo), float(hi)
+
+
 def reranker_table(
     method: str,
     split: str,
@@ -73,22 +92,36 @@ def reranker_table(
 ) -> pl.DataFrame:
     """Long table (method, split, mode, metric, value, ci_low, ci_high, n): R@1/5/10,
     NDCG@5/10 and the per-slate `extra` rates (invalid, identity, latency), with bootstrap CIs,
-    on conditional slates; with `cover` = (coverage, slates) also end to end.
+    on conditional slates; with `cover` = (coverage, slates of the split) also end to end.
 
     A slate without its target scores 0 whatever the reranker does, so the end-to-end value of
-    a ranking metric is coverage x its conditional value (and so are its CI bounds; the
-    coverage, measured on all slates of the split, is taken as exact)."""
+    a ranking metric is coverage x its conditional value (`end_to_end_ci`: both resampled). `n`
+    is the number of slates decoded in both modes; the end-to-end rows also carry the coverage
+    of the split's slates with its own interval."""
     values = per_sample_metrics(ranks, (1, 5, 10), (5, 10))
     values.pop("mrr")
     ranking = list(values)
     values |= extra
     stats = bootstrap_ci(values, samples, confidence, seed)
-    rows = [(method, split, "conditional", m, *v, len(ranks)) for m, v in stats.items()]
+    n = len(ranks)
+    rows = [(method, split, "conditional", m, *v, n) for m, v in stats.items()]
     if cover is not None:
         share, total = cover
         rows += [
-            (method, split, "end_to_end", m, *(share * x for x in stats[m]), total) for m in ranking
+            (
+                method,
+                split,
+                "end_to_end",
+                m,
+                *end_to_end_ci(values[m], *cover, samples, confidence, seed),
+                n,
+            )
+            for m in ranking
         ]
+        alpha = (1 - confidence) / 2
+        draws = np.random.default_rng(seed + 1).binomial(total, share, size=samples) / total
+        lo, hi = np.quantile(draws, [alpha, 1 - alpha]) if total else (float("nan"),) * 2
+        rows.append((method, split, "end_to_end", "coverage", share, float(lo), float(hi), n))
     return pl.DataFrame(
         rows,
         schema=["method", "split", "mode", "metric", "value", "ci_low", "ci_high", "n"],
@@ -97,4 +130,4 @@ def reranker_table(
 
 
 METRICS = ["recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"]
-METRICS += ["invalid_rate", "identity_rate", "seconds"]
+METRICS += ["invalid_rate", "identity_rate", "seconds", "coverage"]

@@ -7,7 +7,7 @@ Notation, for one completion on slate D (|D| candidates, the user's next item am
   R_rank = (r_D - r_o) / |D|                    rank improvement, in (-1, 1)
   R_fmt  = 1 if the answer is rankable else 0   strict JSON contract, a permutation of D
   unconditional:  R = R_rank + alpha * R_fmt
-  conditional:    R = R_rank + alpha * R_fmt   if R_rank > 0 or r_D = 1
+  conditional:    R = R_rank + alpha * R_fmt   if R_rank > 0, or r_D = r_o = 1
                   R = R_rank                   otherwise
   R = -1 when the answer is not rankable: broken JSON, text around it, the wrong schema, a list
   that is not a permutation of D (duplicate, missing, extra or unknown SIDs), or output cut off
@@ -16,7 +16,11 @@ Notation, for one completion on slate D (|D| candidates, the user's next item am
 
 The unconditional form pays alpha for copying the input order (R_rank = 0, valid format), which
 is the reward hack the paper reports; the conditional form pays the format bonus only with an
-improvement (or when the target already leads, where keeping it first is the right answer).
+improvement, or when the target already leads and stays first (keeping it there is the right
+answer). Paying it whenever r_D = 1, whatever the answer does, would make demoting a correct
+top-1 cost only 1/|D| - alpha: on MovieLens slates, where the pre-ranker's first candidate is
+the target about twice as often as its second, a blind "swap the first two" policy then earns
+more than copying the input while it lowers NDCG (tests/test_rewards.py measures both).
 
 Each reward is a picklable callable class following TRL's contract: called with `completions`
 (strings or chat messages), the dataset columns `slate` (candidate SIDs, input order) and
@@ -117,13 +121,25 @@ def combined_reward(j: Judgement, alpha: float, conditional: bool) -> float:
     0.0
     >>> round(combined_reward(Judgement("ok", 3, 1, False, 10), 0.2, conditional=True), 10)
     0.4
+    >>> combined_reward(Judgement("ok", 1, 2, False, 10), 0.2, conditional=True)  # top-1 demoted
+    -0.1
     """
     if not j.rankable:
         return -1.0
     r = rank_reward(j)
-    if not conditional or r > 0 or j.input_rank == 1:
+    if not conditional or r > 0 or kept_top1(j):
         r += alpha
     return r
+
+
+def kept_top1(j: Judgement) -> bool:
+    """The target led the input slate and leads the (rankable) answer too."""
+    return j.rankable and j.input_rank == 1 and j.output_rank == 1
+
+
+def demoted_top1(j: Judgement) -> bool:
+    """The target led the input slate and the (rankable) answer moved it down."""
+    return j.rankable and j.input_rank == 1 and j.output_rank != 1
 
 
 @dataclass
@@ -213,8 +229,9 @@ class RerankReward(_SlateReward):
 
 
 def monitor(judgements: Sequence[Judgement]) -> dict[str, float]:
-    """Hacking and health monitors over a batch: identity-permutation and invalid-output rates,
-    the share of rankable answers that moved the target up, left it, or moved it down."""
+    """Hacking and health monitors over a batch (each a share of all answers): identity
+    permutations, invalid and truncated outputs, rankable answers that moved the target up or
+    down, and answers that demoted a target the input already had first."""
     n = max(len(judgements), 1)
     ok = [j for j in judgements if j.rankable]
     return {
@@ -223,4 +240,5 @@ def monitor(judgements: Sequence[Judgement]) -> dict[str, float]:
         "truncated_rate": sum(j.reason == TRUNCATED for j in judgements) / n,
         "improved_rate": sum(rank_reward(j) > 0 for j in ok) / n,
         "worsened_rate": sum(rank_reward(j) < 0 for j in ok) / n,
+        "top1_demoted_rate": sum(demoted_top1(j) for j in ok) / n,
     }

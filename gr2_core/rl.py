@@ -4,6 +4,10 @@ What TRL already provides and we only configure (`dapo_args`):
   - clip-higher: `epsilon` 0.2 (eps_low) and `epsilon_high` 0.28 (DAPO, arXiv 2503.14476);
   - token-level policy loss normalised over all tokens of the batch: `loss_type="dapo"`;
   - no KL term: `beta=0`;
+  - several optimizer steps per rollout batch (DAPO: 16 mini-batches): TRL's
+    `steps_per_generation` (the batch split into `mini_batches`) and `num_iterations`. Only then
+    does the policy that is trained differ from the one that sampled, so the importance ratio
+    leaves 1 and the clip range acts; with one step per batch the clip ratios are always 0;
   - overlong filtering: `mask_truncated_completions=True` (a completion cut at the length limit
     gets no gradient) and soft overlong punishment, TRL's `get_soft_overlong_punishment` reward
     (a linear penalty over the last `overlong_cache` tokens before the limit).
@@ -14,18 +18,27 @@ After each generation round, groups with zero reward variance are dropped and fr
 drawn from the training set and rolled out, up to `max_rounds` extra rounds, until the
 generation batch holds as many informative groups as it had groups. If the rounds run out, the
 batch is completed with dropped groups (zero advantage: they only count in the normalisation),
-and that shortfall is logged. The extension lives in one override of
-`_generate_and_score_completions`: the parent does the generation, scoring and advantages for
-every round, this class only selects and concatenates groups.
+and that shortfall is logged. A group counts as informative when its *task* reward varies (the
+reward functions named in `filter_on`, the ranking reward R by default), as DAPO filters on
+accuracy: a length penalty that varies inside a group of equally wrong answers does not make it
+informative. The extension lives in one override of `_generate_and_score_completions`: the
+parent does the generation, scoring and advantages for every round, this class only selects and
+concatenates groups.
 
 Also added (`SlateSIDProcessor`, `rl.slate_sids`): rollouts whose SIDs come from their slate,
 each once in the list, for students too small to copy SIDs reliably; the answer's JSON, order
-and length stay free, so the format reward still varies.
+and length stay free, so the format reward still varies. This is "constrained-rollout DAPO":
+tokens the processor forced (the only token it allowed: list separators, the closing `"]}`,
+EOS, the rest of a SID once its prefix is unique) were not the policy's choice, so they are
+masked out of the loss (TRL's `tool_mask`, which masks the loss but not attention). Without the
+mask, a group with negative advantages would push down exactly the tokens that make a list
+valid. Tokens chosen among several allowed ones are scored under the unconstrained policy.
 
 Monitors, logged with TRL's metrics every step (and so to MLflow when `report_to` has it):
 each reward component (`rewards/<name>/mean`), `dynamic/zero_std_before` and `/after`,
 `dynamic/extra_rounds`, `dynamic/shortfall_groups`, the rollouts' `monitor/identity_rate`,
-`invalid_rate`, `truncated_rate`, `ndcg_at_5`, and TRL's `completions/mean_length`. Every rollout
+`invalid_rate`, `truncated_rate`, `top1_demoted_rate`, `ndcg_at_5`, `forced_token_share`,
+TRL's `completions/mean_length` and `clip_ratio/*`. Every rollout
 is appended to `completions.jsonl` in the output folder (step, prompt index, completion,
 reward, reason) so samples can be read or attached as an artifact.
 """
@@ -123,7 +136,8 @@ class SlateSIDProcessor:
     model's choice: an answer can still be broken or cut off before its list, and copying the
     input order is still the safe answer the unconditional reward pays for. What the constraint
     removes is the malformed, invented, repeated or missing SID, which a small student writes in
-    most answers. The loss still uses the unconstrained model's log-probs of the sampled tokens.
+    most answers. `forced[row]` collects the completion positions where only one token was
+    allowed (the trainer masks them out of the loss).
     """
 
     def __init__(self, tok, slates: list[list[str]], begin_token: str = "<|sid_begin|>"):
@@ -142,6 +156,7 @@ class SlateSIDProcessor:
         # row -> (SID start, its trie, slate SIDs left after it: None outside the list)
         self.open: dict[int, tuple[int, SIDTrie, int | None]] = {}
         self.start: int | None = None  # the padded prompt length, seen at the first call
+        self.forced: list[set[int]] = [set() for _ in slates]  # row -> forced positions
 
     def _trie(self, row: int, before: list[int]) -> tuple[SIDTrie, int | None]:
         """The SIDs allowed for a SID starting after the generated tokens `before`, and how many
@@ -155,11 +170,12 @@ class SlateSIDProcessor:
         left = [s for s in slate if s not in used]
         return SIDTrie(self.ids[s] for s in left or slate), max(len(left) - 1, 0)
 
-    @staticmethod
-    def _only(scores: torch.FloatTensor, row: int, allowed: list[int]) -> None:
+    def _only(self, scores: torch.FloatTensor, row: int, allowed: list[int], at: int) -> None:
         keep = scores[row, allowed].clone()
         scores[row] = float("-inf")
         scores[row, allowed] = keep
+        if len(allowed) == 1:
+            self.forced[row].add(at)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.start is None:
@@ -176,12 +192,12 @@ class SlateSIDProcessor:
             sid = ids[at:]
             allowed = trie.allowed(sid)
             if allowed:  # inside an allowed SID
-                self._only(scores, row, allowed)
+                self._only(scores, row, allowed, len(ids))
             elif left is not None:  # after a SID of the list: its punctuation
                 n = next(k for k in range(1, len(sid) + 1) if trie.allowed(sid[:k]) == [])
                 after = self.next_sid if left else self.close
                 if len(sid) - n < len(after):
-                    self._only(scores, row, [after[len(sid) - n]])
+                    self._only(scores, row, [after[len(sid) - n]], len(ids))
         return scores
 
 
@@ -193,8 +209,10 @@ def dapo_trainer_class():
         """TRL's GRPOTrainer plus DAPO's dynamic sampling; see the module docstring.
 
         Extra arguments: `dynamic_sampling` (bool), `max_rounds` (extra generation rounds per
-        batch), `monitor_reward` (a `RerankReward` whose judgements feed the monitors),
-        `rollout_log` (path of the JSONL of rollouts; None: none written).
+        batch), `filter_on` (names of the reward functions whose weighted sum decides whether a
+        group is informative: the task reward), `monitor_reward` (a `RerankReward` whose
+        judgements feed the monitors), `rollout_log` (path of the JSONL of rollouts; None: none
+        written), `slate_sids` (constrained rollouts, forced tokens masked out of the loss).
         """
 
         def __init__(
@@ -202,6 +220,7 @@ def dapo_trainer_class():
             *args,
             dynamic_sampling: bool = True,
             max_rounds: int = 4,
+            filter_on: tuple[str, ...] = ("rerank",),
             monitor_reward: RerankReward | None = None,
             rollout_log: str | Path | None = None,
             slate_sids: bool = False,
@@ -217,6 +236,14 @@ def dapo_trainer_class():
                 )
             self.dynamic_sampling = dynamic_sampling
             self.max_rounds = max_rounds
+            unknown = set(filter_on) - set(self.reward_func_names)
+            if unknown:
+                raise ValueError(
+                    f"filter_on names {sorted(unknown)}, not among the reward functions "
+                    f"{self.reward_func_names}"
+                )
+            self.filter_on = tuple(filter_on)
+            self._forced: list[set[int]] | None = None
             self.monitor_reward = monitor_reward
             self.rollout_log = Path(rollout_log) if rollout_log else None
             self.dynamic_history: list[dict] = []
@@ -235,7 +262,9 @@ def dapo_trainer_class():
                 raise RuntimeError(f"{len(prompt_ids)} prompts for {len(self._slates)} slates")
             from transformers import LogitsProcessorList
 
-            processor = LogitsProcessorList([SlateSIDProcessor(self._tokenizer, self._slates)])
+            slate_processor = SlateSIDProcessor(self._tokenizer, self._slates)
+            self._forced = slate_processor.forced
+            processor = LogitsProcessorList([slate_processor])
             model = self.accelerator.unwrap_model(self.model)
             # TRL calls model.generate(**inputs, generation_config=...) and has no argument for
             # a logits processor: add it to that one call, then restore the method
@@ -253,9 +282,31 @@ def dapo_trainer_class():
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             weights = self.reward_weights.to(per_func.device)
-            self._round_rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)
-            self._record(inputs, completions, completion_ids_list, self._round_rewards)
+            self._round_rewards = task_signal(
+                per_func, weights, self.reward_func_names, self.filter_on
+            )
+            total = (per_func * weights.unsqueeze(0)).nansum(dim=1)
+            self._record(inputs, completions, completion_ids_list, total)
             return per_func
+
+        # -- forced tokens of constrained rollouts: out of the loss ---------------------------
+        def _mask_forced(self, out: dict) -> dict:
+            """Zero the loss mask (`tool_mask`) at the tokens the slate processor forced."""
+            forced, self._forced = self._forced, None
+            if forced is None:
+                return out
+            mask = out["completion_mask"]
+            out["tool_mask"] = loss_mask_without(mask, out.get("tool_mask"), forced)
+            out["num_items_in_batch"] = (mask * out["tool_mask"]).sum()
+            if self.model.training:
+                share = 1.0 - float(out["num_items_in_batch"] / mask.sum().clamp(min=1))
+                self._metrics["train"]["monitor/forced_token_share"].append(share)
+            return out
+
+        def _generate_round(self, inputs):
+            """One generation round (parent), with forced tokens masked out of the loss."""
+            self._slates = [x["slate"] for x in inputs]
+            return self._mask_forced(super()._generate_and_score_completions(inputs))
 
         def _record(self, inputs, completions, completion_ids_list, rewards) -> None:
             if self.monitor_reward is None or not self.model.training:
@@ -301,8 +352,7 @@ def dapo_trainer_class():
             return [dict(self.train_dataset[i]) for i in idx for _ in range(self.num_generations)]
 
         def _generate_and_score_completions(self, inputs):
-            self._slates = [x["slate"] for x in inputs]
-            out = super()._generate_and_score_completions(inputs)
+            out = self._generate_round(inputs)
             if not (self.dynamic_sampling and self.model.training):
                 return out
             g = self.num_generations
@@ -316,8 +366,7 @@ def dapo_trainer_class():
             while len(picks) < need and rounds < self.max_rounds:
                 rounds += 1
                 fresh = self._draw(need, rounds)
-                self._slates = [x["slate"] for x in fresh]
-                extra = super()._generate_and_score_completions(fresh)
+                extra = self._generate_round(fresh)
                 outputs.append(extra)
                 ok = self._informative(self._round_rewards)
                 picks += [(rounds, i) for i in range(need) if ok[i]]
@@ -339,6 +388,37 @@ def dapo_trainer_class():
             return merged
 
     return DAPOTrainer
+
+
+def loss_mask_without(
+    completion_mask: torch.Tensor, tool_mask: torch.Tensor | None, forced: list[set[int]]
+) -> torch.Tensor:
+    """The loss mask (TRL's `tool_mask`, 1 = trained) with the forced positions of each row
+    zeroed; attention still sees those tokens (`completion_mask` is left as it is).
+
+    >>> loss_mask_without(torch.ones(2, 3), None, [{0, 2}, {5}]).tolist()
+    [[0.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+    """
+    keep = torch.ones_like(completion_mask) if tool_mask is None else tool_mask.clone()
+    for row, positions in enumerate(forced):
+        cols = [p for p in positions if p < keep.shape[1]]
+        if cols:
+            keep[row, cols] = 0
+    return keep
+
+
+def task_signal(
+    per_func: torch.Tensor, weights: torch.Tensor, names: list[str], filter_on: tuple[str, ...]
+) -> torch.Tensor:
+    """Per completion: the weighted sum of the reward functions named in `filter_on` (NaN as 0),
+    the signal dynamic sampling reads; shaping rewards (soft overlong) are left out.
+
+    >>> task_signal(torch.tensor([[0.2, -0.5], [0.2, 0.0]]), torch.ones(2),
+    ...             ["rerank", "soft_overlong"], ("rerank",)).tolist()
+    [0.20000000298023224, 0.20000000298023224]
+    """
+    pick = torch.tensor([n in filter_on for n in names], device=per_func.device)
+    return (per_func * (weights * pick).unsqueeze(0)).nansum(dim=1)
 
 
 def reward_functions(
@@ -372,7 +452,7 @@ def dapo_args(cfg, output_dir: Path, report_to: tuple[str, ...] = ()):
 
     from gr2_core.training import common_args
 
-    accumulation = cfg.group_size * cfg.prompts_per_step // cfg.micro_batch
+    accumulation = cfg.mini_batch // cfg.micro_batch
     return GRPOConfig(
         output_dir=str(output_dir),
         loss_type="dapo",
@@ -382,12 +462,13 @@ def dapo_args(cfg, output_dir: Path, report_to: tuple[str, ...] = ()):
         mask_truncated_completions=cfg.mask_truncated,
         scale_rewards="group",
         num_generations=cfg.group_size,
-        # one generation batch of prompts_per_step groups per optimizer step, trained in
-        # micro-batches whose gradients accumulate (on-policy: no importance ratio needed)
+        # one rollout batch of prompts_per_step groups, shuffled and split into `mini_batches`
+        # optimizer steps (each accumulating micro-batches), reused `num_iterations` times; TRL
+        # keeps the sampling policy's log-probs whenever the batch outlives one optimizer step
         per_device_train_batch_size=cfg.micro_batch,
         gradient_accumulation_steps=accumulation,
-        steps_per_generation=accumulation,
-        num_iterations=1,
+        steps_per_generation=cfg.rollout_batch // cfg.micro_batch,
+        num_iterations=cfg.num_iterations,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
         top_p=1.0,
@@ -417,7 +498,8 @@ def train_dapo(
 ):
     """DAPO from `model_dir` on `rows` (prompt, slate, target, prompt_index) with the
     conditional (GR2) or unconditional reward, resuming from the newest checkpoint in
-    `out_dir/checkpoints`. Returns (trainer, log history)."""
+    `out_dir/checkpoints`. `extra_rewards` are more task rewards (weight 1, part of the
+    dynamic-sampling signal). Returns (trainer, log history)."""
     from datasets import Dataset
 
     from gr2_core.training import load_trainable, resume_point
@@ -448,6 +530,7 @@ def train_dapo(
         callbacks=list(callbacks),
         dynamic_sampling=cfg.dynamic_sampling,
         max_rounds=cfg.max_sampling_rounds,
+        filter_on=("rerank", *(f.__name__ for f in extra_rewards)),
         monitor_reward=funcs[0],
         rollout_log=out_dir / "completions.jsonl",
         slate_sids=cfg.slate_sids,

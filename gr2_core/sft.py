@@ -7,7 +7,10 @@ tokens are not trained. With per-token weights w_t (lambda_r, lambda_o, or 0):
     loss = sum_t w_t * CE_t / sum_t [w_t > 0]
 
 i.e. the mean over trained tokens of the weighted cross-entropy, so lambda_r = lambda_o = 1 is
-the ordinary SFT loss on the assistant message.
+the ordinary SFT loss on the assistant message. In training, the sums run over the whole
+optimizer step: every micro-batch of the gradient accumulation window on every process is
+divided by the step's global count of trained tokens, so the update (and the effective learning
+rate) does not depend on how a batch is split into micro-batches or processes.
 """
 
 from __future__ import annotations
@@ -34,13 +37,23 @@ def token_weights(kinds: list[str | None], lambda_r: float, lambda_o: float) -> 
     return [table[k] for k in kinds]
 
 
+def trained_tokens(weights: torch.Tensor) -> torch.Tensor:
+    """Tokens with a loss (weight > 0) after the causal shift; weights (B, T)."""
+    return (weights[:, 1:] > 0).sum()
+
+
 def weighted_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    normalizer: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Weighted next-token cross-entropy (see module docstring).
 
     logits (B, T, V); labels (B, T) with the token at t predicted from positions < t (the usual
     causal shift is applied here); weights (B, T), aligned with labels, 0 where not trained.
+    `normalizer`: the trained-token count to divide by (the optimizer step's, in training);
+    None: this batch's own count.
     """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
@@ -50,8 +63,9 @@ def weighted_lm_loss(
         shift_labels.reshape(-1).clamp(min=0),
         reduction="none",
     ).view_as(shift_w)
-    trained = (shift_w > 0).sum().clamp(min=1)
-    return (ce * shift_w).sum() / trained
+    if normalizer is None:
+        normalizer = trained_tokens(weights)
+    return (ce * shift_w).sum() / torch.as_tensor(normalizer, dtype=ce.dtype).clamp(min=1)
 
 
 # -- samples --------------------------------------------------------------------------------
@@ -107,7 +121,18 @@ def weighted_sft_trainer_class():
     from trl import SFTTrainer
 
     class WeightedSFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss is `weighted_lm_loss` over the batch's `weights`."""
+        """SFTTrainer whose loss is `weighted_lm_loss` over the batch's `weights`, normalised
+        by the optimizer step's trained tokens on all processes (`num_items_in_batch`)."""
+
+        # our loss already divides by the whole step's token count: no division by grad_accum
+        loss_is_scaled_for_ga = True
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            count = sum(trained_tokens(b["weights"]) for b in batch_samples)
+            count = torch.as_tensor(count, device=device)
+            if self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+            return count
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weights = inputs.pop("weights")
@@ -117,7 +142,9 @@ def weighted_sft_trainer_class():
                 attention_mask=inputs["attention_mask"],
                 use_cache=False,
             )
-            loss = weighted_lm_loss(outputs.logits, labels, weights)
+            loss = weighted_lm_loss(outputs.logits, labels, weights, num_items_in_batch)
+            if num_items_in_batch is not None:  # DDP averages gradients over processes
+                loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 
     return WeightedSFTTrainer

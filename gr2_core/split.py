@@ -1,7 +1,8 @@
 """Per-user sequences and leave-one-out reranker samples with an out-of-sample pre-ranker.
 
 For a user with chronological items s_0..s_{n-1} and holdout m (SPEC section 1):
-- the pre-ranker trains on s_0..s_{n-m-1} only;
+- the pre-ranker's prefix is s_0..s_{n-m-1} (none when n <= m): it trains on s_0..s_{n-m-2}
+  and its early stopping scores s_{n-m-1} (`gr2_core.preranker.hold_out_monitor`);
 - reranker samples are the positions p whose item s_p is the target and whose history is the
   (capped) prefix before p: p in n-m..n-3 -> "train", p = n-2 -> "valid", p = n-1 -> "test".
 Positions with an empty history (p = 0, only possible when n <= m) are skipped. So every slate
@@ -57,7 +58,11 @@ def build_samples(sequences: pl.DataFrame, holdout: int, max_history: int) -> pl
 
 
 def preranker_sequences(sequences: pl.DataFrame, holdout: int) -> pl.DataFrame:
-    """Training prefixes for the pre-ranker: each sequence minus its last `holdout` items."""
-    return sequences.select(
-        "user_id", pl.col("items").list.head(pl.col("n") - holdout).alias("items")
-    ).filter(pl.col("items").list.len() >= 2)
+    """Training prefixes for the pre-ranker: each sequence minus its last `holdout` items.
+
+    A user with n <= holdout items has no prefix (polars' `head` of a negative length would
+    return the whole list, targets included); prefixes of fewer than 2 items are left out too."""
+    keep = (pl.col("n") - holdout).clip(lower_bound=0)
+    return sequences.select("user_id", pl.col("items").list.head(keep).alias("items")).filter(
+        pl.col("items").list.len() >= 2
+    )

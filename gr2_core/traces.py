@@ -195,8 +195,11 @@ def run_shard(
     cowatch: CoWatch | None,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
+    min_explanation_chars: int = 0,
 ) -> ShardResult:
     """Sample attempts for `jobs` until each is accepted or out of attempts, appending to `path`.
+
+    `min_explanation_chars` is the filter's minimum explanation length (`check_answer`).
 
     Resumable: attempts already in `path` count. Requests that fail for good (server down after
     the retries) leave their slates pending and are reported in `failed_requests`; rerunning
@@ -248,7 +251,9 @@ def run_shard(
                 for s, (text, finish) in enumerate(
                     zip(reply.texts, reply.finish_reasons, strict=True)
                 ):
-                    verdict = check_answer(text, slate_sids, valid, target_sid)
+                    verdict = check_answer(
+                        text, slate_sids, valid, target_sid, min_explanation_chars
+                    )
                     reason = verdict.reason
                     if not verdict.accepted and finish == "length":
                         reason = f"truncated:{reason}"

@@ -212,7 +212,8 @@ def evaluate_ctc(
         differences.write_parquet(work / "differences.parquet")
         report = (
             to_markdown(to_markdown_rows(table))
-            + f"\n\nROUGE-L minus {lead} on the same test pairs, mean [95% paired bootstrap CI]:"
+            + f"\n\nROUGE-L minus {lead} on the same test pairs, mean [95% paired bootstrap CI, "
+            + "clustered by document]:"
             + "\n\n"
             + to_markdown(differences)
         )
@@ -246,7 +247,8 @@ def publish_ctc(config: CTCFlowConfig, tracking: Tracking, stages: list[Manifest
         to_markdown_rows(table).to_dicts(),
         key="gr2-ctc",
         description=f"CTC summarizer vs baselines, {config.data.source} test "
-        f"({config.profile}): mean [95% CI], summaries/s one document at a time",
+        f"({config.profile}): mean [95% CI, documents resampled], summaries/s one document at "
+        "a time",
     )
     tags = {}
     for m in stages:

@@ -142,6 +142,7 @@ def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) 
         "rl_report": rl_report,
         "rl_histories": rl_histories,
         "traces": {k: v for k, v in (traces.metrics if traces else {}).items() if "/" in k},
+        "traces_digest": traces_digest(traces),
         "report": baselines.path("report").read_text(),
         "midtrain_report": midtrain_eval.path("report").read_text() if midtrain_eval else "",
         "stage_seconds": {m.stage: m.metrics.get("wall_seconds") for m in stages},
@@ -149,6 +150,18 @@ def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) 
         "experiment_id": tracking.experiment_id,
         "mlflow_run_id": tracking.parent_run_id or "",
     }
+
+
+def traces_digest(traces: Manifest | None) -> str:
+    """Which teacher outputs a published table comes from: the traces stage key and the
+    sha256 (first 12 hex digits) of each mode's accepted traces. The stage is cached, so a
+    rerun of the same command reuses these files and reproduces the table; a fresh teacher run
+    (another machine, another batching on the server) shows up as another digest."""
+    if traces is None:
+        return ""
+    files = sorted((n, f) for n, f in traces.files.items() if n.endswith("_traces"))
+    hashes = ", ".join(f"{n} {f.sha256[:12]} ({f.rows} rows)" for n, f in files)
+    return f"traces stage {traces.key[:12]}: {hashes}"
 
 
 RL_COMPARED = ("recall@1", "recall@5", "ndcg@5")

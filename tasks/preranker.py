@@ -20,14 +20,6 @@ TRAIN = Stage("preranker", lambda c: c.preranker, (gr2_core.preranker,))
 CANDIDATES = Stage("candidates", lambda c: c.preranker, (gr2_core.preranker,))
 
 
-def _monitor(samples: pl.DataFrame, vocab: core.ItemVocab) -> tuple[list[list[int]], list[int]]:
-    """Each user's earliest reranker-train position: out-of-sample for the pre-ranker."""
-    first = (
-        samples.filter(pl.col("split") == "train").sort("position").unique("user_id", keep="first")
-    )
-    return [vocab.encode(h) for h in first["history"]], [vocab.index[t] for t in first["target"]]
-
-
 @task(name="preranker", cache_key_fn=TRAIN.cache_key_fn, persist_result=True)
 def train_preranker(
     config: PipelineConfig, data: Manifest, split: Manifest, tracking: Tracking
@@ -37,8 +29,8 @@ def train_preranker(
 
     def body(work: Path, run: StageRun) -> StageResult:
         vocab = core.ItemVocab(read(data, "items")["item_id"].to_list())
-        train = [vocab.encode(s) for s in read(split, "preranker_train")["items"]]
-        monitor = _monitor(read(split, "samples"), vocab)
+        prefixes = [vocab.encode(s) for s in read(split, "preranker_train")["items"]]
+        train, monitor = core.hold_out_monitor(prefixes)  # monitor: each prefix's last item
         log = get_run_logger()
         log.info(
             "preranker: %d sequences, %d items, %d epochs", len(train), len(vocab.items), cfg.epochs

@@ -3,14 +3,16 @@
 `register` packs the candidate model (`registry.candidate`) as a reranker bundle
 (`gr2_core.reranker`), logs it as an MLflow pyfunc (`name="reranker"`, explicit pip requirements,
 signature, input example) in a `register` child run, records the model's per-slate results on the
-frozen evaluation set (the test slates its evaluation stage scored) as run artifacts, and
+frozen evaluation set (the validation slates its evaluation stage scored) as run artifacts, and
 registers it as a new version of `registry.model_name` with alias `challenger`. Idempotent: a
 version already registered for the same model and evaluation (tag `gr2.registration_key`) is
 reused and nothing is logged.
 
 `promote` applies `gr2_core.promotion.decide` to the challenger and the `champion`, on the same
-frozen set (a champion scored on another set is re-scored on the challenger's). It records the
-decision as version tags and a markdown report; on promotion the old champion becomes
+frozen set (a champion scored on another set is re-scored on the challenger's). The decision
+reads validation slates only; the test scores are logged beside it (metrics `test/*`, tags
+`gr2.test.*`) for reporting: choosing a model never peeks at the numbers reported for it. It
+records the decision as version tags and a markdown report; on promotion the old champion becomes
 `previous-champion` (and the new version's tag `gr2.previous_champion`), so `rollback` is one
 call. A version that already carries a decision is not decided again.
 
@@ -79,11 +81,15 @@ def serving_requirements() -> list[str]:
     return [f"{n}=={importlib.metadata.version(n).split('+')[0]}" for n in names]
 
 
-def frozen_set(config: PipelineConfig, candidates: Manifest) -> pl.DataFrame:
-    """The evaluation set a registered model is judged on: the test slates its evaluation stage
-    scored (`sft.eval_slates`, conditional, drawn with `sft.seed`)."""
+FROZEN_SPLIT = "valid"  # promotion decides on validation slates; test is reported only
+
+
+def frozen_set(config: PipelineConfig, candidates: Manifest, split: str = FROZEN_SPLIT):
+    """The evaluation set a registered model is judged on: the validation slates its evaluation
+    stage scored (`sft.eval_slates`, conditional, drawn with `sft.seed`); `split="test"` gives
+    the reported set."""
     cfg = config.sft
-    return rev.eval_slates(read(candidates, "slates"), "test", cfg.eval_slates, cfg.seed)
+    return rev.eval_slates(read(candidates, "slates"), split, cfg.eval_slates, cfg.seed)
 
 
 def served_method(config: PipelineConfig, model: Manifest) -> str:
@@ -93,20 +99,27 @@ def served_method(config: PipelineConfig, model: Manifest) -> str:
 
 
 def evaluation_results(
-    config: PipelineConfig, model: Manifest, evaluation: Manifest, rows: pl.DataFrame, cat
+    config: PipelineConfig,
+    model: Manifest,
+    evaluation: Manifest,
+    rows: pl.DataFrame,
+    cat,
+    split: str = FROZEN_SPLIT,
 ) -> pl.DataFrame:
-    """Per-slate results of the served method on the frozen set, from the evaluation stage."""
+    """Per-slate results of the served method on `rows` (slates of `split`), from the
+    evaluation stage."""
     method = served_method(config, model)
     answers = read(evaluation, "answers").filter(
-        (pl.col("split") == "test") & (pl.col("method") == method)
+        (pl.col("split") == split) & (pl.col("method") == method)
     )
     jobs = job_ids(rows)
     text = dict(zip(answers["job"], answers["text"], strict=True))
     missing = [j for j in jobs if j not in text]
     if missing:
         raise ValueError(
-            f"evaluation {evaluation.directory} has no '{method}' test answer for {len(missing)} "
-            f"frozen-set slates (first: {missing[:3]}); was it run with other sft.eval_slates?"
+            f"evaluation {evaluation.directory} has no '{method}' {split} answer for "
+            f"{len(missing)} frozen-set slates (first: {missing[:3]}); was it run with other "
+            "sft.eval_slates?"
         )
     scored = rev.score_answers([text[j] for j in jobs], rows, cat)
     return slate_results(jobs, scored["ranks"], scored["invalid"], scored["identity"])
@@ -188,6 +201,8 @@ def register_reranker(
     cat = _catalogue(data, semantic_ids)
     results = evaluation_results(config, model, evaluation, rows, cat)
     scores = summarize(results)
+    test_rows = frozen_set(config, candidates, "test")
+    test_scores = summarize(evaluation_results(config, model, evaluation, test_rows, cat, "test"))
     t = config.teacher
     settings = RerankSettings(
         variant=model.stage,
@@ -201,7 +216,8 @@ def register_reranker(
     sequences = read(split, "sequences") if t.cowatch_notes else None
     with stage_run(tracking, "register", key, cfg) as run, tempfile.TemporaryDirectory() as tmp:
         bundle = save_bundle(Path(tmp) / "reranker", model.path("model"), cat, settings, sequences)
-        run.log_metrics({f"test/{k}": v for k, v in scores.items()})
+        run.log_metrics({f"valid/{k}": v for k, v in scores.items()})
+        run.log_metrics({f"test/{k}": v for k, v in test_scores.items()})
         tags = {
             "gr2.registration_key": key,
             "gr2.variant": model.stage,
@@ -209,12 +225,14 @@ def register_reranker(
             "gr2.dataset": config.data.dataset,
             "gr2.semantic_ids_dir": semantic_ids.directory,
             "gr2.parent_run_id": tracking.parent_run_id or "",
-        } | {metric_key(f"gr2.test.{k}"): f"{v:.4f}" for k, v in scores.items()}
+        } | {metric_key(f"gr2.valid.{k}"): f"{v:.4f}" for k, v in scores.items()}
+        tags |= {metric_key(f"gr2.test.{k}"): f"{v:.4f}" for k, v in test_scores.items()}
         version = log_and_register(
             tracking.tracking_uri, run.run_id, cfg.model_name, bundle, rows, results, tags
         )
     log.info(
-        "register: %s version %s (%s, alias %s); test R@5 %.3f, NDCG@5 %.3f, invalid %.3f",
+        "register: %s version %s (%s, alias %s); valid R@5 %.3f, NDCG@5 %.3f, invalid %.3f "
+        "(test R@5 %.3f, NDCG@5 %.3f)",
         cfg.model_name,
         version.version,
         model.stage,
@@ -222,6 +240,8 @@ def register_reranker(
         scores["recall@5"],
         scores["ndcg@5"],
         scores["invalid_rate"],
+        test_scores["recall@5"],
+        test_scores["ndcg@5"],
     )
     return Registered(
         name=cfg.model_name,
@@ -290,6 +310,7 @@ def gate_of(config: PipelineConfig) -> Gate:
         metrics=tuple(r.metrics),
         margin=r.margin,
         non_inferiority=r.non_inferiority,
+        min_slates=r.min_slates,
         samples=r.bootstrap_samples,
         confidence=r.confidence,
         seed=r.seed,

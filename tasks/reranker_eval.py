@@ -171,8 +171,9 @@ def evaluation_body(
         pretty = format_table(table, rev.METRICS)
         markdown = (
             f"# {label} reranker vs the pre-ranker, {config.data.dataset} ({config.profile})"
-            f"\n\nconditional: slates with the target; end_to_end: all slates (coverage x "
-            f"conditional); value [95% bootstrap CI]; invalid answers count as misses; seconds = "
+            f"\n\nconditional: slates with the target; end_to_end: all slates of the split "
+            f"(coverage x conditional, both resampled for the interval); n: slates decoded; "
+            f"value [95% bootstrap CI]; invalid answers count as misses; seconds = "
             f"generation time per slate at batch {cfg.eval_batch_size}\n\n{to_markdown(pretty)}\n"
         )
         (work / "metrics.md").write_text(markdown)

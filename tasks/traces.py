@@ -100,7 +100,8 @@ def open_teacher(cfg: TeacherConfig, work: Path) -> Iterator[Teacher]:
     port = free_port()
     folder = _model_folder(cfg, work)
     server = ManagedServer(
-        vllm_command(str(python), folder, SERVED_NAME, port),
+        # the server's own sampling seed pinned (each request also carries its seed)
+        vllm_command(str(python), folder, SERVED_NAME, port, extra=("--seed", str(cfg.seed))),
         port,
         work / "teacher_server.log",
         vllm_env(cfg.server_kv_cache_gib),
@@ -143,6 +144,7 @@ def teacher_shard(
         cowatch,
         cfg.seed,
         progress,
+        min_explanation_chars=cfg.min_explanation_chars,
     )
     log.info("%s shard %d: %s", mode, index, result)
     return result

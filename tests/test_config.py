@@ -31,6 +31,17 @@ def test_overrides_and_unknown_keys():
         load_profile("nope")
 
 
+def test_removed_prompt_history_fails_and_names_its_replacement():
+    assert "prompt_history" not in PipelineConfig.model_fields["data"].annotation.model_fields
+    with pytest.raises(ValidationError, match=r"data.prompt_history was removed.*history_items"):
+        load_profile("ci", {"data.prompt_history": 20})
+
+
+def test_explanation_minimum_must_fit_under_the_cap():
+    with pytest.raises(ValidationError, match="min_explanation_chars"):
+        load_profile("ci", {"teacher.min_explanation_chars": 121})  # ci caps explanations at 120
+
+
 def test_digest_tracks_content():
     a, b = load_profile("ci"), load_profile("ci", {"preranker.lr": 0.5})
     assert a.data.digest() == b.data.digest()

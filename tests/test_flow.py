@@ -112,8 +112,17 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     assert "| sft-targeted |" in result["reranker_report"]
     # DAPO: TRL's metrics and our monitors reached the stage run; rollouts and curves logged
     rl_run = by_stage["rl_targeted"]
-    for key in ("reward", "monitor/identity_rate", "dynamic/zero_std_before"):
-        assert len(client.get_metric_history(rl_run.info.run_id, key)) == ci_config.rl.max_steps
+    rollout_batches = ci_config.rl.max_steps // ci_config.rl.steps_per_rollout
+    for key in (
+        "reward",
+        "monitor/identity_rate",
+        "monitor/top1_demoted_rate",
+        "monitor/forced_token_share",  # constrained rollouts: forced tokens out of the loss
+        "dynamic/zero_std_before",
+    ):
+        assert len(client.get_metric_history(rl_run.info.run_id, key)) == rollout_batches, key
+    clip = client.get_metric_history(rl_run.info.run_id, "clip_ratio/region_mean")
+    assert len(clip) == ci_config.rl.max_steps  # every optimizer step
     assert {"completions.jsonl", "curves.png"} <= {
         a.path for a in client.list_artifacts(rl_run.info.run_id)
     }

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from data_contracts.config import PrerankerConfig
 from gr2_core import preranker as core
-from gr2_core.split import build_samples, build_sequences
+from gr2_core.split import build_samples, build_sequences, preranker_sequences
 
 TINY = PrerankerConfig(
     hidden_dim=16,
@@ -83,6 +83,27 @@ def test_slates_exclude_prefix_and_rank_target():
         expected = cands.index(row["target"]) + 1 if row["target"] in cands else None
         assert row["target_rank"] == expected
         assert row["scores"] == sorted(row["scores"], reverse=True)
+
+
+def test_early_stopping_monitors_a_position_out_of_training_and_of_reranker_samples():
+    items, seqs = _toy()
+    vocab = core.ItemVocab(items)
+    prefixes = preranker_sequences(seqs, holdout=5)
+    train, monitor = core.hold_out_monitor([vocab.encode(s) for s in prefixes["items"]])
+    samples = build_samples(seqs, holdout=5, max_history=50)
+    reranker_positions = set(zip(samples["user_id"], samples["position"], strict=True))
+    full = {u: vocab.encode(s) for u, s in zip(seqs["user_id"], seqs["items"], strict=True)}
+    assert len(monitor[1]) == prefixes.height  # one monitored position per user
+    rows = zip(prefixes["user_id"], train, *monitor, strict=True)
+    for user, seq, history, target in rows:
+        position = len(history)
+        assert history == full[user][:position] and target == full[user][position]
+        assert seq == full[user][: len(seq)] and len(seq) <= position  # never a training target
+        assert (user, position) not in reranker_positions  # nor a slate the pre-ranker produces
+    model, history = core.train_sasrec(train, len(items), TINY, monitor)
+    assert all("monitor_ndcg@10" in r for r in history)
+    with pytest.raises(ValueError, match="fewer than 2"):
+        core.hold_out_monitor([[1, 2], [3]])
 
 
 def test_resume_runs_exactly_the_remaining_epochs(tmp_path: Path):

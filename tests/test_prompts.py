@@ -9,8 +9,10 @@ import polars as pl
 import pytest
 import torch
 
+from data_contracts.config import TeacherConfig
 from gr2_core.midtrain import Catalogue
-from gr2_core.prompts import build_messages, check_answer, parse_answer
+from gr2_core.prompts import REASONS, build_messages, check_answer, parse_answer
+from gr2_core.rewards import judge
 from gr2_core.semantic_ids.sidmap import encode_sid
 from gr2_core.sft import answer_segments, token_weights, weighted_lm_loss
 
@@ -64,6 +66,19 @@ def test_filter_catalogue(text, target, reason):
     verdict = check_answer(text, SLATE, VALID, target)
     assert verdict.reason == reason
     assert verdict.accepted == (reason == "accepted")
+
+
+@pytest.mark.parametrize("explanation", ["", "   ", "Good pick."])
+def test_short_explanation_fails_the_teacher_filter_only(explanation):
+    minimum = TeacherConfig().min_explanation_chars
+    assert minimum > len(explanation.strip()) and "short_explanation" in REASONS
+    text = _answer([SLATE[1], SLATE[0], SLATE[2]], explanation)
+    verdict = check_answer(text, SLATE, VALID, SLATE[1], min_explanation_chars=minimum)
+    assert (verdict.accepted, verdict.reason) == (False, "short_explanation")
+    assert check_answer(text, SLATE, VALID, SLATE[1]).accepted  # the default leaves it off
+    assert judge(text, SLATE, SLATE[1], known_sids=VALID).reason == "ok"  # the RL reward too
+    long = _answer([SLATE[1], SLATE[0], SLATE[2]], "x" * minimum)
+    assert check_answer(long, SLATE, VALID, SLATE[1], min_explanation_chars=minimum).accepted
 
 
 def test_prompt_has_the_five_parts_and_switches():

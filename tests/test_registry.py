@@ -49,7 +49,7 @@ def test_first_model_is_promoted_on_its_rates_alone():
 
 
 def test_a_clearly_worse_challenger_is_refused_and_a_tie_is_promoted():
-    gate = Gate(samples=500)
+    gate = Gate(samples=500, min_slates=30)
     champion = _results([1] * 30)
     worse = decide(_results([9] * 30), champion, gate)  # rank 9: outside the top 5
     assert not worse.promote
@@ -57,13 +57,24 @@ def test_a_clearly_worse_challenger_is_refused_and_a_tie_is_promoted():
     assert any("recall@5 is worse" in r for r in worse.reasons)
     tie = decide(_results([1] * 30), champion, gate)
     assert tie.promote and tie.reasons == ["every check passed"]
-    # one slate lost out of 30: not significantly worse by default...
-    slightly = decide(_results([1] * 29 + [9]), champion, gate)
-    assert slightly.promote
-    # ...but the non-inferiority rule wants the interval above -margin
-    strict = Gate(samples=500, non_inferiority=True, margin=0.0)
-    assert not decide(_results([1] * 29 + [9]), champion, strict).promote
+    # one slate lost out of 30: the default (non-inferiority, margin 0.02) wants the interval
+    # above -0.02, which 30 slates cannot show...
+    assert not decide(_results([1] * 29 + [9]), champion, gate).promote
+    # ...while the permissive rule promotes it for lack of evidence against it
+    permissive = Gate(samples=500, non_inferiority=False, margin=0.0, min_slates=30)
+    assert decide(_results([1] * 29 + [9]), champion, permissive).promote
     assert "| recall@5 |" in worse.markdown("t") and "**refused**" in worse.markdown("t")
+
+
+def test_the_default_gate_refuses_comparisons_on_too_few_slates():
+    """25 slates (the demo's evaluation size) cannot separate two rerankers: the default gate
+    refuses rather than promote on intervals that wide; the first champion is unaffected."""
+    champion, better = _results([3] * 25), _results([1] * 25)
+    refused = decide(better, champion, Gate(samples=200))
+    assert not refused.promote
+    assert any("only 25 frozen-set slates" in r for r in refused.reasons)
+    assert decide(better, None, Gate(samples=200)).promote
+    assert decide(_results([3] * 200), _results([3] * 200), Gate(samples=200)).promote
 
 
 def test_results_from_different_slates_are_not_compared():
@@ -167,7 +178,7 @@ def test_promotion_rescores_a_champion_from_another_set_and_rolls_back(bundle, t
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
     rows_a, rows_b = _slates(4, seed=0), _slates(4, seed=1)
-    gate = Gate(max_invalid_rate=0.5, max_identity_rate=1.0, samples=200)
+    gate = Gate(max_invalid_rate=0.5, max_identity_rate=1.0, samples=200, min_slates=1)
 
     run1 = client.create_run(exp).info.run_id
     results_a = slate_results(job_ids(rows_a), np.array([2, 3, 1, 4]), np.zeros(4), np.zeros(4))

@@ -34,7 +34,9 @@ CASES = [
     ("moved up 4->1", _answer(_moved(4, 1)), 3, 0.3, 1.0, 0.5, 0.5),
     ("moved up 7->5", _answer(_moved(7, 5)), 6, 0.2, 1.0, 0.4, 0.4),
     ("moved down 2->6", _answer(_moved(2, 6)), 1, -0.4, 1.0, -0.4, -0.2),
-    ("moved down from the top 1->3", _answer(_moved(1, 3)), 0, -0.2, 1.0, 0.0, 0.0),
+    ("moved down from the top 1->3", _answer(_moved(1, 3)), 0, -0.2, 1.0, -0.2, 0.0),
+    ("top two swapped 1->2", _answer(_moved(1, 2)), 0, -0.1, 1.0, -0.1, 0.1),
+    ("top two swapped 2->1", _answer(_moved(2, 1)), 1, 0.1, 1.0, 0.3, 0.3),
     ("kept at rank 1, others shuffled", _answer(_moved(5, 9)), 0, 0.0, 1.0, 0.2, 0.2),
     ("unchanged at rank 6, others shuffled", _answer(_moved(2, 4)), 5, 0.0, 1.0, 0.0, 0.2),
     ("identity permutation, target 3rd", _answer(SLATE), 2, 0.0, 1.0, 0.0, 0.2),
@@ -110,7 +112,10 @@ def test_monitor_rates():
         "truncated_rate": 0.0,
         "improved_rate": 0.25,
         "worsened_rate": 0.25,
+        "top1_demoted_rate": 0.0,
     }
+    demoted = rw.judge(_answer(_moved(1, 2)), SLATE, SLATE[0])
+    assert rw.monitor([demoted, js[0]])["top1_demoted_rate"] == 0.5
 
 
 def test_doctests():
@@ -148,3 +153,96 @@ def test_fuzz_rewards_never_raise_and_stay_in_range(text, ids, target, slate):
     ):
         out = reward([text], [slate], [target], completion_ids=None if ids is None else [ids])
         assert len(out) == 1 and -1.0 <= out[0] <= 1.2
+
+
+# -- blind policies on real slates --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ml100k_input_ranks() -> list[int]:
+    """r_D of every conditional slate (target among the 10) of real MovieLens-100k, from the
+    real pre-ranker trained briefly (3 epochs) on its out-of-sample prefixes."""
+    from data_contracts.config import DataConfig, PrerankerConfig
+    from gr2_core import preranker as pre
+    from gr2_core.data import load_tables, preprocess, resolve_sources
+    from gr2_core.split import build_samples, build_sequences, preranker_sequences
+
+    cfg = DataConfig(dataset="ml-100k")
+    tables = preprocess(load_tables(resolve_sources(cfg)), cfg, "ml-100k")
+    seqs = build_sequences(tables.interactions)
+    vocab = pre.ItemVocab(tables.items["item_id"].to_list())
+    train = [vocab.encode(s) for s in preranker_sequences(seqs, 5)["items"]]
+    model, _ = pre.train_sasrec(train, len(vocab.items), PrerankerConfig(epochs=3, num_threads=1))
+    slates = pre.generate_slates(model, vocab, build_samples(seqs, 5, 50), seqs, slate_size=10)
+    return slates["target_rank"].drop_nulls().to_list()
+
+
+def _policy_value(ranks: list[int], policy) -> tuple[float, float]:
+    """Mean conditional reward and mean NDCG@10 of a blind permutation `policy` (input rank ->
+    output rank, the same for every slate) over slates with the given target input ranks."""
+    import math
+
+    rewards, ndcg = [], []
+    for r_d in ranks:
+        r_o = policy(r_d)
+        j = rw.Judgement("ok", r_d, r_o, False, 10)
+        rewards.append(rw.combined_reward(j, 0.2, conditional=True))
+        ndcg.append(1 / math.log2(1 + r_o))
+    return sum(rewards) / len(ranks), sum(ndcg) / len(ranks)
+
+
+def _copy(r: int) -> int:
+    return r
+
+
+# transpositions with the first candidate: E[R] - E[R_copy] = ((k-1)/|D| + alpha)(p_k - p_1),
+# the sign of their NDCG change, for any slate statistics
+TRANSPOSITIONS = {
+    "swap the first two": lambda r: {1: 2, 2: 1}.get(r, r),
+    "swap 1st and 3rd": lambda r: {1: 3, 3: 1}.get(r, r),
+    "swap 1st and 10th": lambda r: {1: 10, 10: 1}.get(r, r),
+}
+
+
+@pytest.mark.parametrize("name", [*TRANSPOSITIONS, "reverse"])
+def test_copy_never_loses_to_a_blind_permutation_that_lowers_ndcg(ml100k_input_ranks, name):
+    """On real slate statistics, a permutation applied without reading the prompt earns no more
+    conditional reward than copying the input when it lowers NDCG@10."""
+    ranks = ml100k_input_ranks
+    assert len(ranks) > 500
+    policy = TRANSPOSITIONS.get(name, lambda r: 11 - r)
+    copy_reward, copy_ndcg = _policy_value(ranks, _copy)
+    reward, ndcg = _policy_value(ranks, policy)
+    assert ndcg < copy_ndcg, name  # the pre-ranker's order is better than these blind ones
+    assert reward < copy_reward, (name, reward, copy_reward)
+
+
+def test_blind_swap_paid_under_the_old_rule_only(ml100k_input_ranks):
+    """The rule this replaces (bonus whenever r_D = 1) paid a blind top-two swap more than
+    copying on these slates, although the swap lowers NDCG; the current rule does not."""
+    ranks = ml100k_input_ranks
+    p1 = sum(r == 1 for r in ranks) / len(ranks)
+    p2 = sum(r == 2 for r in ranks) / len(ranks)
+    assert p2 < p1  # the pre-ranker's first candidate is the target more often than its second
+    old_swap = p1 * (-0.1 + 0.2) + p2 * (0.1 + 0.2)  # bonus paid for r_D = 1 regardless
+    old_copy = p1 * 0.2
+    assert old_swap > old_copy  # the defect: demoting a correct top-1 was profitable
+    swap, _ = _policy_value(ranks, TRANSPOSITIONS["swap the first two"])
+    copy, _ = _policy_value(ranks, _copy)
+    assert swap == pytest.approx(p1 * -0.1 + p2 * 0.3)
+    assert copy == pytest.approx(p1 * 0.2)
+    assert swap < copy
+
+
+def test_rotation_pays_when_the_top1_hit_rate_is_low(ml100k_input_ranks):
+    """A known limit of the paper's conditional reward (docs/rl.md): rotating the list (first
+    candidate last, the others up one) earns (1/|D| + alpha) - p_1 (1 + 2 alpha) more than
+    copying, positive when the pre-ranker's top-1 hit rate p_1 is below 0.3 / 1.4 = 0.214.
+    These briefly trained ML-100k slates are below it; the demo's ML-1m slates (p_1 0.22-0.25)
+    are above. The `top1_demoted_rate` monitor is what shows a policy drifting this way."""
+    ranks = ml100k_input_ranks
+    p1 = sum(r == 1 for r in ranks) / len(ranks)
+    rotation, rot_ndcg = _policy_value(ranks, lambda r: 10 if r == 1 else r - 1)
+    copy, copy_ndcg = _policy_value(ranks, _copy)
+    assert rotation - copy == pytest.approx(0.3 - 1.4 * p1)
+    assert p1 < 0.3 / 1.4 and rotation > copy and rot_ndcg < copy_ndcg

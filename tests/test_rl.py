@@ -14,8 +14,10 @@ from gr2_core.rl import (
     SlateSIDProcessor,
     dapo_args,
     dapo_trainer_class,
+    loss_mask_without,
     reward_functions,
     select_groups,
+    task_signal,
     train_dapo,
 )
 from gr2_core.semantic_ids.sidmap import encode_sid, sid_tokens
@@ -57,6 +59,7 @@ def _cfg(**kw) -> RLConfig:
         group_size=4,
         prompts_per_step=2,
         max_steps=2,
+        mini_batches=1,  # one optimizer step per rollout batch unless a test says otherwise
         max_completion_length=16,
         overlong_cache=0,
         lr=1e-4,
@@ -91,6 +94,7 @@ def test_dynamic_sampling_replaces_zero_variance_groups(tiny, tmp_path):
         processing_class=tok,
         monitor_reward=funcs[0],
         max_rounds=6,
+        filter_on=("spread",),
     )
     trainer.model.train()
     flat = [r for r in _rows() if "FLAT" in r["prompt"][0]["content"]][:2]
@@ -115,6 +119,129 @@ def test_dynamic_sampling_replaces_zero_variance_groups(tiny, tmp_path):
     out = trainer._generate_and_score_completions(batch)
     assert trainer.dynamic_history[-1]["shortfall_groups"] == 2
     assert out["advantages"].abs().sum() == 0
+
+
+class LengthShaping:
+    """Test shaping reward named like the soft overlong punishment: varies with the length."""
+
+    __name__ = "soft_overlong"
+
+    def __call__(self, completions, **kwargs):
+        return [-len(c[-1]["content"] if isinstance(c, list) else c) / 100 for c in completions]
+
+
+def test_dynamic_sampling_reads_the_task_reward_not_the_length_penalty(tiny, tmp_path):
+    """Groups of equally unrankable answers (R = -1 for all) are uninformative even though a
+    length penalty varies inside them (DAPO filters on accuracy, not on shaping terms)."""
+    from datasets import Dataset
+
+    cfg = _cfg()
+    tok = _tok(tiny)
+    funcs, weights = reward_functions(frozenset(SLATE), (tok.eos_token_id,), True, 0.2, 16, 0)
+    args = dapo_args(cfg, tmp_path / "ckpt")
+    args.reward_weights = [*weights, 1.0]
+    trainer = dapo_trainer_class()(
+        model=AutoModelForCausalLM.from_pretrained(tiny),
+        reward_funcs=[*funcs, LengthShaping()],
+        args=args,
+        train_dataset=Dataset.from_list(_rows()),
+        processing_class=tok,
+        monitor_reward=funcs[0],
+        max_rounds=0,
+    )
+    trainer.model.train()
+    batch = [r for r in _rows()[:2] for _ in range(cfg.group_size)]
+    out = trainer._generate_and_score_completions(batch)
+    rerank = trainer._metrics["train"]["rewards/rerank/mean"]
+    assert rerank == [-1.0]  # the tiny model writes no rankable answer
+    assert trainer._metrics["train"]["rewards/soft_overlong/std"][0] > 0  # the penalty varies
+    assert trainer.dynamic_history[-1]["zero_std_before"] == 1.0
+    assert out["advantages"].shape[0] == len(batch)
+    with pytest.raises(ValueError, match="filter_on"):
+        dapo_trainer_class()(
+            model=trainer.model,
+            reward_funcs=[*funcs, LengthShaping()],
+            args=args,
+            train_dataset=Dataset.from_list(_rows()),
+            processing_class=tok,
+            filter_on=("accuracy",),
+        )
+
+
+def test_task_signal_leaves_shaping_rewards_out():
+    per_func = torch.tensor([[0.5, -0.25, 0.3, 1.0], [0.5, 0.0, float("nan"), 1.0]])
+    weights = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    names = ["rerank", "soft_overlong", "rank", "format"]
+    assert task_signal(per_func, weights, names, ("rerank",)).tolist() == [0.5, 0.5]
+    assert task_signal(per_func, weights, names, ("rerank", "soft_overlong")).tolist() == [
+        0.25,
+        0.5,
+    ]
+
+
+def test_dapo_args_pin_the_method():
+    """The DAPO settings the SPEC names, as TRL receives them."""
+    cfg = RLConfig(group_size=8, prompts_per_step=2, mini_batches=2, micro_batch_size=4)
+    args = dapo_args(cfg, "/tmp/unused")
+    assert args.loss_type == "dapo"
+    assert (args.epsilon, args.epsilon_high) == (0.2, 0.28)
+    assert args.beta == 0.0
+    assert args.mask_truncated_completions is True
+    assert args.num_generations == 8 and args.temperature == 1.0 and args.top_p == 1.0
+    # 16 completions per rollout batch, 2 optimizer steps of 8, each 2 micro-batches of 4
+    assert args.per_device_train_batch_size == 4
+    assert args.gradient_accumulation_steps == 2
+    assert args.steps_per_generation == 4
+    assert args.num_iterations == 1
+    assert args.gradient_accumulation_steps % (args.steps_per_generation * args.num_iterations)
+    on_policy = dapo_args(cfg.model_copy(update={"mini_batches": 1}), "/tmp/unused")
+    assert on_policy.gradient_accumulation_steps == on_policy.steps_per_generation == 4
+    with pytest.raises(ValueError, match="save_steps"):
+        RLConfig(mini_batches=2, save_steps=3)
+    with pytest.raises(ValueError, match="mini_batches"):
+        RLConfig(group_size=8, prompts_per_step=1, mini_batches=3)
+
+
+def test_clip_higher_binds_with_several_optimizer_steps_per_rollout_batch(tiny, tmp_path):
+    """One rollout batch, two optimizer steps: the second trains a policy that has moved, so
+    the importance ratio leaves 1 and the clip acts (TRL's clip ratios > 0). With one
+    optimizer step per batch the ratio is exactly 1 and the clip ratios are 0."""
+    tok = _tok(tiny)
+    clipped = {}
+    for mini_batches in (1, 2):
+        cfg = _cfg(
+            max_steps=2,
+            mini_batches=mini_batches,
+            save_steps=2,
+            lr=0.05,
+            max_sampling_rounds=0,
+            mask_truncated=False,  # the tiny model never ends an answer: keep its tokens
+        )
+        _, history = train_dapo(
+            tiny,
+            [r for r in _rows() if "INFO" in r["prompt"][0]["content"]],  # rewards vary
+            tmp_path / f"mb{mini_batches}",
+            cfg,
+            tok,
+            frozenset(SLATE),
+            extra_rewards=(TextSpread(),),
+        )
+        rows = [r for r in history if "clip_ratio/region_mean" in r]
+        assert len(rows) == 2
+        clipped[mini_batches] = [r["clip_ratio/region_mean"] for r in rows]
+        generations = [r for r in history if "monitor/identity_rate" in r]
+        assert len(generations) == 2 // mini_batches  # one rollout batch per mini_batches steps
+    assert clipped[1] == [0.0, 0.0]
+    assert clipped[2][0] == 0.0 and clipped[2][1] > 0.0
+
+
+def test_forced_tokens_are_masked_out_of_the_loss_only():
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    tool = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])
+    keep = loss_mask_without(mask, tool, [{2}, {1, 3, 9}])
+    assert keep.tolist() == [[1, 0, 0, 1], [1, 0, 1, 0]]
+    assert tool.tolist() == [[1, 0, 1, 1], [1, 1, 1, 1]]  # not modified in place
+    assert int((mask * keep).sum()) == 3
 
 
 def test_select_groups_pads_prompts_left_and_completions_right():
@@ -222,6 +349,16 @@ def test_slate_sid_processor_makes_the_list_a_permutation_of_the_slate(tokenizer
     assert after_three == [{t} for t in [*end, tok.eos_token_id]]
     (done,) = allowed(three + end + [tok.eos_token_id])
     assert len(done) == vocab  # finished (generate pads the row from here)
+    # the processor records where it forced the only allowed token (masked out of the loss)
+    for generated, forced in (
+        (one, {len(one)}),  # the separator after a listed SID
+        (ids('{"explanation": "x'), set()),  # free text
+        (ids('{"explanation": "<|sid_begin|>'), set()),  # a choice between two first codes
+    ):
+        p = SlateSIDProcessor(tok, slates[:1])
+        p.start = len(prompt)
+        p(torch.tensor([prompt + generated]), torch.zeros(1, vocab))
+        assert p.forced == [forced]
     with pytest.raises(ValueError, match="rows for"):
         proc(torch.tensor([prompt]), torch.zeros(1, vocab))
     with pytest.raises(ValueError, match="no '<\\|sid_begin\\|>' token"):

@@ -1,5 +1,7 @@
 """Item embeddings, RQ-VAE switches, RQ-KMeans, and coding a catalogue to unique SIDs."""
 
+from functools import cache
+
 import numpy as np
 import polars as pl
 import pytest
@@ -10,6 +12,7 @@ from gr2_core.semantic_ids import embeddings as emb
 from gr2_core.semantic_ids import tokenizer as tok_core
 from gr2_core.semantic_ids.rqkmeans import RQKMeans
 from gr2_core.semantic_ids.rqvae import RQVAE, train_rqvae
+from gr2_core.semantic_ids.sidmap import code_stats
 
 TINY = SemanticIdConfig(
     levels=2,
@@ -122,6 +125,113 @@ def test_diversity_loss_formula():
     model.codebooks.data.zero_()  # every code equally close: uniform soft usage p_j = 1/C
     loss = model.diversity_loss([torch.randn(5, 4)])
     assert loss.item() == pytest.approx(0.5 * 8 * 8 * (1 / 8) ** 2)  # = lambda
+
+
+# Each switch's measurable effect (SPEC section 2), on the same synthetic data and seeds. The
+# base has every switch off and codebooks drawn from the data's latents; EMA uses gamma 0.9 so
+# that its time constant (10 batches) fits the 160 batches of these short runs. These pin that
+# each switch acts, in a stated direction on this set; on real embeddings the size and even the
+# direction can differ (benchmarks/semantic_ids.py measures them on MovieLens).
+SWITCHES = SemanticIdConfig(
+    levels=2,
+    codebook_size=32,
+    last_level_size=64,
+    latent_dim=8,
+    hidden_dims=[32],
+    epochs=20,
+    batch_size=64,
+    ema_decay=0.9,
+    kmeans_init=False,
+    ema=False,
+    dead_code_reset=False,
+    dead_code_after=2,
+    num_threads=1,
+)
+
+
+@cache
+def _spread(n: int = 512, d: int = 32, clusters: int = 64) -> np.ndarray:
+    """Unit-norm points around many centres (the scale of MiniLM embeddings)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(clusters, d))[rng.integers(0, clusters, n)]
+    x = x + 0.3 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@cache
+def _switch_run(seed: int, **switches) -> dict[str, float]:
+    """Code statistics of the base config with `switches` set, trained on `_spread()`."""
+    cfg = SWITCHES.model_copy(update={**switches, "seed": seed})
+    model, _ = train_rqvae(_spread(), cfg)
+    stats = code_stats(model.encode(_spread()), [cfg.codebook_size] * cfg.levels)
+    utilisation = sum(stats[f"level{i}/utilisation"] for i in range(cfg.levels))
+    return stats | {"dead_codes": round((cfg.levels - utilisation) * cfg.codebook_size)}
+
+
+def _nearest_sq(codes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """(K,) squared distance from each code to its nearest point, computed exactly."""
+    return ((codes[:, None] - points[None]) ** 2).sum(-1).min(1).values
+
+
+def test_codebooks_without_kmeans_start_on_the_data():
+    x = torch.from_numpy(_spread())
+    model = RQVAE(x.shape[1], SWITCHES)
+    model.init_from_data(x)
+    with torch.no_grad():
+        h = model.encoder(x)  # (N, D)
+        level1 = h - model.codebooks[0][torch.cdist(h, model.codebooks[0]).argmin(1)]
+        assert _nearest_sq(model.codebooks[0], h).max() < 1e-12  # every code is a latent
+        assert _nearest_sq(model.codebooks[1], level1).max() < 1e-12  # ... or a residual
+        assert model.codebooks[1].norm(dim=1).min() > 0  # no item drawn at both levels
+
+
+def test_without_kmeans_training_does_not_collapse_onto_one_code():
+    # codebooks at randn * 0.1 left level 0 with at most 4 live codes of 32 here
+    for switches in ({}, {"ema": True}):
+        assert _switch_run(0, **switches, epochs=1)["level0/utilisation"] >= 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kmeans_init_quantises_the_latents_better_than_drawn_items(seed):
+    x = torch.from_numpy(_spread())
+    errors = []
+    for init in ("init_from_data", "init_kmeans"):
+        torch.manual_seed(seed)  # the same encoder for both
+        model = RQVAE(x.shape[1], SWITCHES.model_copy(update={"seed": seed}))
+        getattr(model, init)(x)
+        with torch.no_grad():
+            h = model.encoder(x)
+            errors.append(float(((h - model.quantize(h)[1]) ** 2).sum(1).mean()))
+    assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ema_raises_code_usage_and_uniqueness_from_the_same_init(seed):
+    plain, ema = _switch_run(seed), _switch_run(seed, ema=True)
+    assert ema["level0/perplexity"] > plain["level0/perplexity"]
+    assert ema["prefix_uniqueness"] > plain["prefix_uniqueness"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_diversity_loss_spreads_code_usage(seed):
+    ema, diverse = _switch_run(seed, ema=True), _switch_run(seed, ema=True, diversity_weight=0.1)
+    assert diverse["level0/perplexity"] > ema["level0/perplexity"]
+    assert diverse["prefix_uniqueness"] > ema["prefix_uniqueness"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dead_code_reset_leaves_fewer_dead_codes(seed):
+    plain, reset = _switch_run(seed), _switch_run(seed, dead_code_reset=True)
+    assert plain["dead_codes"] > 0 and reset["dead_codes"] < plain["dead_codes"]
+
+
+def test_assigned_last_level_turns_shared_prefixes_into_unique_sids():
+    x, cfg = _spread(), SWITCHES
+    tok, _, _ = tok_core.fit(x, cfg)
+    ids = [f"m{i}" for i in range(len(x))]
+    sid_map, stats = tok_core.sid_map_for(ids, x, tok, cfg)
+    assert stats["prefix_uniqueness"] < 0.9  # many items share a learned prefix
+    assert stats["uniqueness"] == 1.0 and sid_map["sid"].n_unique() == len(ids)
 
 
 def test_catalogue_gets_unique_sids_and_stable_extension():

@@ -99,6 +99,60 @@ def test_trainer_loss_is_the_hand_computed_weighted_cross_entropy(tiny, tokenize
     assert loss == pytest.approx(total / count, rel=1e-5)
 
 
+def _one_sgd_step(tiny, tokenizer, tmp_path, rows, batch_size: int, grad_accum: int):
+    """Parameters after one plain-SGD optimizer step over `rows` (in order, no shuffling)."""
+    from datasets import Dataset
+    from trl import SFTConfig as TRLConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    trainer = weighted_sft_trainer_class()(
+        model=model,
+        args=TRLConfig(
+            output_dir=str(tmp_path / f"b{batch_size}x{grad_accum}"),
+            use_cpu=True,
+            report_to=[],
+            dataset_kwargs={"skip_prepare_dataset": True},
+            max_length=None,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=grad_accum,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+            save_strategy="no",
+            remove_unused_columns=False,
+        ),
+        train_dataset=Dataset.from_list(rows),
+        data_collator=WeightedCollator(tokenizer.pad_token_id or 0),
+        processing_class=tokenizer,
+    )
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
+    trainer.train()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def test_update_does_not_depend_on_gradient_accumulation(tiny, tokenizer, tmp_path):
+    """grad_accum 2 x batch 2 makes the same SGD update as batch 4 (samples of different
+    lengths, so a per-micro-batch mean would weight them differently and scale by grad_accum)."""
+    rows = [
+        encode_sample(tokenizer, MESSAGES, EXPLANATION + " more" * (6 * k), RECS, 0.25, 1.0)
+        for k in range(4)
+    ]
+    assert len({len(r["input_ids"]) for r in rows}) == 4
+    start = dict(AutoModelForCausalLM.from_pretrained(tiny).named_parameters())
+    whole = _one_sgd_step(tiny, tokenizer, tmp_path, rows, batch_size=4, grad_accum=1)
+    split = _one_sgd_step(tiny, tokenizer, tmp_path, rows, batch_size=2, grad_accum=2)
+    moved = sum(float((whole[k] - start[k]).abs().sum()) for k in start)
+    assert moved > 0
+    for k in whole:
+        d_whole, d_split = whole[k] - start[k], split[k] - start[k]
+        scale = float(d_whole.abs().max()) + 1e-12
+        assert float((d_split - d_whole).abs().max()) / scale < 1e-2, k  # float32 sums; old: ~1
+
+
 def test_sft_resumes_from_its_checkpoint_after_a_crash(tiny, tokenizer, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny)
     if tok.pad_token_id is None:
@@ -161,9 +215,37 @@ def test_answers_are_scored_strictly():
     assert cover == (0.5, 4)
     both = rerank_eval.reranker_table("m", "test", out["ranks"], {}, 50, 0.95, 0, cover)
     e2e = both.filter(pl.col("mode") == "end_to_end")
-    assert set(e2e["metric"]) == {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    ranking = {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    assert set(e2e["metric"]) == ranking | {"coverage"}
     r5 = e2e.filter(pl.col("metric") == "recall@5").row(0, named=True)
-    assert r5["value"] == 0.25 and r5["n"] == 4 and r5["ci_high"] <= 0.5
+    assert r5["value"] == 0.25 and r5["n"] == 4 and r5["ci_low"] < 0.25 < r5["ci_high"]
+
+
+def test_end_to_end_rows_report_the_decoded_slates_and_resample_the_coverage():
+    """25 decoded conditional slates out of 1,000 slates of which 30% hold their target: the
+    rows say n = 25 (not 1,000), and an interval is not zero-width just because every decoded
+    slate was a hit (the coverage is resampled, not taken as exact)."""
+    ranks = np.ones(25, dtype=np.int64)  # every decoded slate: target first
+    table = rerank_eval.reranker_table("m", "test", ranks, {}, 400, 0.95, 0, (0.3, 1000))
+    e2e = {
+        r["metric"]: r for r in table.filter(pl.col("mode") == "end_to_end").iter_rows(named=True)
+    }
+    assert {r["n"] for r in e2e.values()} == {25}
+    r1 = e2e["recall@1"]
+    assert r1["value"] == pytest.approx(0.3)
+    assert r1["ci_low"] < 0.3 < r1["ci_high"]  # binomial spread of the coverage over 1,000
+    assert r1["ci_high"] - r1["ci_low"] == pytest.approx(
+        2 * 1.96 * (0.3 * 0.7 / 1000) ** 0.5, rel=0.25
+    )
+    cov = e2e["coverage"]
+    assert (cov["value"], cov["ci_low"] < 0.3 < cov["ci_high"]) == (0.3, True)
+    # a varying conditional value widens the end-to-end interval beyond the coverage's alone
+    mixed = np.array([1, 0] * 12 + [1], dtype=np.int64)
+    wide = rerank_eval.reranker_table("m", "test", mixed, {}, 400, 0.95, 0, (0.3, 1000))
+    w = wide.filter((pl.col("mode") == "end_to_end") & (pl.col("metric") == "recall@1")).row(
+        0, named=True
+    )
+    assert w["ci_high"] - w["ci_low"] > 2 * (r1["ci_high"] - r1["ci_low"])
 
 
 def test_constrained_answer_is_a_permutation_of_the_slate(tiny, tmp_path):

@@ -1,6 +1,7 @@
 """Leave-one-out samples with an out-of-sample pre-ranker (SPEC section 1)."""
 
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,3 +52,27 @@ def test_k_core_property(pairs, ku, ki):
         assert out.group_by("user_id").len()["len"].min() >= ku
         assert out.group_by("item_id").len()["len"].min() >= ki
     assert k_core(out, ku, ki).height == out.height  # idempotent (stable)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from("abcdefgh"), st.integers(3, 12), min_size=1),  # n >= 3
+    st.integers(3, 8),
+)
+def test_preranker_prefix_is_out_of_sample_for_short_users(lengths, holdout):
+    """Users with n <= holdout items (n < m included) get no prefix; no prefix holds a target."""
+    seqs = build_sequences(_interactions(lengths))
+    prefixes = preranker_sequences(seqs, holdout)
+    samples = build_samples(seqs, holdout, max_history=50)
+    seen = {(u, i) for u, items in prefixes.iter_rows() for i in items}
+    assert not any((u, t) in seen for u, t in samples.select("user_id", "target").iter_rows())
+    for user, items in prefixes.iter_rows():
+        assert len(items) == lengths[user] - holdout >= 2
+
+
+def test_config_refuses_users_shorter_than_the_holdout():
+    from data_contracts.config import load_profile
+
+    with pytest.raises(ValueError, match="min_user_interactions"):
+        load_profile("ci", {"data.min_user_interactions": 3, "split.holdout": 5})
+    assert load_profile("ci", {"data.min_user_interactions": 5, "split.holdout": 5})

@@ -17,8 +17,9 @@ import pytest
 import gr2_core.traces as tr
 from gr2_core.midtrain import Catalogue
 from gr2_core.models import export_student
+from gr2_core.semantic_ids.sidmap import encode_sid
 from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env
-from gr2_core.teacher import OpenAITeacher, Retry
+from gr2_core.teacher import OpenAITeacher, Retry, TeacherReply
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -111,6 +112,40 @@ def test_attempt_file_drops_a_torn_last_line_and_names_a_corrupt_one(tmp_path):
 
 
 # -- against a real vLLM server ---------------------------------------------------------------
+class _FixedTeacher:
+    """Answers every request with the same text (n copies)."""
+
+    name = "fixed"
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def sample_many(self, requests, on_reply) -> None:
+        for i, req in enumerate(requests):
+            on_reply(i, TeacherReply([self.text] * req.n, ["stop"] * req.n))
+
+
+def test_run_shard_rejects_short_explanations_with_their_own_reason(tmp_path):
+    ids = [f"m{i}" for i in range(6)]
+    items = pl.DataFrame(
+        {"item_id": ids, "title": ids, "year": [2000] * 6, "categories": [["Drama"]] * 6}
+    )
+    cat = Catalogue.build(
+        items, pl.DataFrame({"item_id": ids, "sid": [encode_sid([i, 0]) for i in range(6)]})
+    )
+    job = tr.Job("u0:3", "u0", 3, ("m0", "m1"), ("m2", "m3", "m4"), "m3")
+    recs = [cat.sid[c] for c in ("m3", "m2", "m4")]  # the target first: only the length fails
+    teacher = _FixedTeacher(json.dumps({"explanation": " ", "recommendations": recs}))
+    path = tmp_path / "shard.jsonl"
+    tr.run_shard([job], cat, teacher, path, "targeted", 2, 1, False, None, 0, None, 20)
+    assert [(a.accepted, a.reason) for a in tr.read_attempts(path)] == [
+        (False, "short_explanation")
+    ] * 2
+    path = tmp_path / "off.jsonl"
+    tr.run_shard([job], cat, teacher, path, "targeted", 2, 1, False, None, 0)  # minimum off
+    assert [a.reason for a in tr.read_attempts(path)] == ["accepted"]
+
+
 @pytest.fixture(scope="module")
 def teacher_model(tmp_path_factory) -> Path:
     return export_student(tmp_path_factory.mktemp("teacher") / "model")
@@ -261,3 +296,35 @@ def test_the_api_key_is_sent_but_never_shown():
     assert "sk-secret-123" not in repr(teacher)
     assert teacher.base_url == "http://127.0.0.1:9/v1"
     assert OpenAITeacher("http://h:1", "m").base_url == "http://h:1/v1"
+
+
+def test_published_tables_name_the_teacher_outputs_they_come_from():
+    """A docs table built on teacher traces carries the traces stage key and the hashes of the
+    accepted traces, so two publications can be told apart by their teacher outputs."""
+    from data_contracts.manifest import FileEntry, Manifest
+    from gr2_core.serving import vllm_command
+    from tasks.evaluate import traces_digest
+
+    def entry(name: str, sha: str, rows: int | None) -> FileEntry:
+        return FileEntry(path=f"{name}.parquet", sha256=sha, bytes=1, rows=rows)
+
+    manifest = Manifest(
+        stage="traces",
+        key="abcdef0123456789",
+        config_hash="c",
+        code_version="v",
+        schema_version="1",
+        directory="/tmp/x",
+        files={
+            "targeted_traces": entry("t", "1" * 64, 7),
+            "targeted_attempts": entry("a", "2" * 64, 30),
+            "rejection_traces": entry("r", "3" * 64, 3),
+        },
+    )
+    assert traces_digest(manifest) == (
+        "traces stage abcdef012345: rejection_traces 333333333333 (3 rows), "
+        "targeted_traces 111111111111 (7 rows)"
+    )
+    assert traces_digest(None) == ""
+    cmd = vllm_command("py", "m", "teacher", 8000, extra=("--seed", "7"))
+    assert cmd[-2:] == ["--seed", "7"]

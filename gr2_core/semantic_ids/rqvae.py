@@ -7,10 +7,17 @@ codebook term sum_l ||sg[r_l] - q_l||^2; gradients pass the quantiser straight t
 
 Switches (`SemanticIdConfig`):
 1. `kmeans_init`: before training, each level's codebook is k-means (faiss) of its residuals.
+   Off, each level's codes are residuals of randomly drawn items (`init_from_data`). Codes that
+   start far from the encoder's outputs (the constructor's `randn * 0.1`) are never picked, and
+   the catalogue collapses onto a few codes per level unless dead-code reset revives the rest.
 2. `ema`: codebooks follow exponential moving averages of their assigned residuals (gamma =
    `ema_decay`) instead of a codebook loss.
 3. `diversity_weight` (lambda): adds lambda * C * sum_j p_j^2, p_j the batch-mean soft usage of
-   code j (1 when usage is uniform, C when one code takes everything).
+   code j (1 when usage is uniform, C when one code takes everything). The soft assignment is
+   softmax_j(-||r - c_j||^2 / tau) with tau the batch's mean squared distance to the nearest
+   code (no gradient), so its sharpness does not depend on the latents' scale: with tau = 1 the
+   latents' small squared distances (well under 1) made every p nearly uniform and the loss
+   nearly inert.
 4. `dead_code_reset`: a code unused for `dead_code_after` batches is moved onto the residual that
    the current batch reconstructs worst.
 5. the assigned last level lives in `sidmap.assign_last_level`.
@@ -51,6 +58,7 @@ class RQVAE(nn.Module):
         self.encoder = mlp(dims)
         self.decoder = mlp(dims[::-1])
         k, d = cfg.codebook_size, cfg.latent_dim
+        # placeholder values: `train_rqvae` initialises from data, `load` from a checkpoint
         self.codebooks = nn.Parameter(torch.randn(cfg.levels, k, d) * 0.1)  # (L, K, D)
         self.register_buffer("ema_count", torch.ones(cfg.levels, k))
         self.register_buffer("ema_sum", self.codebooks.detach().clone())
@@ -88,11 +96,29 @@ class RQVAE(nn.Module):
 
     @torch.no_grad()
     def init_kmeans(self, x: torch.Tensor) -> None:
-        residual = self.encoder(x)
+        """Level by level: the codebook is k-means (faiss) of that level's residuals."""
+        k, seed = self.cfg.codebook_size, self.cfg.seed
+        self._init_levels(x, lambda r, lvl: torch.from_numpy(kmeans(r.numpy(), k, seed + lvl)))
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Level by level: the codebook is the residuals of K items drawn at random (seeded).
+
+        Levels draw disjoint items while the catalogue has L x K of them (an item drawn at one
+        level has a zero residual at the next), then items repeat."""
+        k, levels = self.cfg.codebook_size, self.cfg.levels
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        order = torch.randperm(len(x), generator=gen)
+        rows = order.repeat(-(-levels * k // len(x)))[: levels * k].view(levels, k)  # (L, K)
+        self._init_levels(x, lambda r, lvl: r[rows[lvl]].clone())
+
+    def _init_levels(
+        self, x: torch.Tensor, fit: Callable[[torch.Tensor, int], torch.Tensor]
+    ) -> None:
+        """Set each level's codebook (and EMA state) to `fit(residuals (N, D), level)` (K, D)."""
+        residual = self.encoder(x)  # (N, D)
         for lvl in range(self.cfg.levels):
-            book = torch.from_numpy(
-                kmeans(residual.numpy(), self.cfg.codebook_size, self.cfg.seed + lvl)
-            )
+            book = fit(residual, lvl)
             self.codebooks.data[lvl] = book
             self.ema_sum[lvl] = book
             self.ema_count[lvl] = 1.0
@@ -131,11 +157,17 @@ class RQVAE(nn.Module):
             reset += len(dead)
         return reset
 
+    def soft_usage(self, r: torch.Tensor, level: int) -> torch.Tensor:
+        """(B, D) residuals -> (K,) batch-mean soft assignment to level `level`'s codes."""
+        d2 = torch.cdist(r, self.codebooks[level]) ** 2  # (B, K)
+        tau = d2.min(1).values.mean().detach().clamp_min(1e-8)  # scale of the nearest distances
+        return torch.softmax(-d2 / tau, dim=1).mean(0)
+
     def diversity_loss(self, residuals: list[torch.Tensor]) -> torch.Tensor:
         """lambda * C * sum_j p_j^2 with p the batch-mean soft assignment, summed over levels."""
         total = torch.zeros(())
         for lvl, r in enumerate(residuals):
-            p = torch.softmax(-(torch.cdist(r, self.codebooks[lvl]) ** 2), dim=1).mean(0)  # (K,)
+            p = self.soft_usage(r, lvl)  # (K,)
             total = total + self.cfg.codebook_size * (p**2).sum()
         return self.cfg.diversity_weight * total
 
@@ -176,6 +208,8 @@ def train_rqvae(
     model = RQVAE(x.shape[1], cfg)
     if cfg.kmeans_init:
         model.init_kmeans(xt)
+    else:
+        model.init_from_data(xt)
     params = [p for n, p in model.named_parameters() if not (cfg.ema and n == "codebooks")]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -2,6 +2,10 @@
 
 A system is a callable (document, aspect) -> summary, run one document at a time so the
 seconds per summary are its latency; summaries/s is the count over the summed seconds.
+
+Confidence intervals are cluster bootstraps over documents: the pairs of one document (ACLSum's
+three aspect summaries of a paper) share its source text, and Lead-N's output is the same for
+all of them, so they are not independent; a resample draws whole documents with all their pairs.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def score_system(
             "condition": [condition] * len(pairs),
             "system": [name] * len(pairs),
             "id": [p.id for p in pairs],
+            "doc_id": [p.doc_id for p in pairs],
             "prediction": run.outputs,
             "rouge1": rouge["rouge1"],
             "rouge2": rouge["rouge2"],
@@ -54,16 +59,20 @@ def score_system(
 
 
 def summary_table(scores: pl.DataFrame, samples: int, seed: int = 0) -> pl.DataFrame:
-    """Per (condition, system): mean and 95% bootstrap CI of each score, pairs, summaries/s,
-    mean latency. The order score averages over pairs with at least two matched tokens."""
+    """Per (condition, system): mean and 95% cluster-bootstrap CI (documents resampled) of each
+    score, pairs (`n`) and documents, summaries/s, mean latency. The order score averages over
+    pairs with at least two matched tokens."""
     rows = []
     for (condition, system), part in scores.group_by(["condition", "system"], maintain_order=True):
         values = {k: part[k].to_numpy().astype(float) for k in ("rouge1", "rouge2", "rougeL")}
-        ci = bootstrap_ci(values, samples, 0.95, seed)
-        order = part["order"].drop_nulls().to_numpy().astype(float)
-        order_ci = bootstrap_ci({"order": order}, samples, 0.95, seed)["order"]
+        ci = bootstrap_ci(values, samples, 0.95, seed, part["doc_id"].to_list())
+        ordered = part.filter(pl.col("order").is_not_null())
+        order = ordered["order"].to_numpy().astype(float)
+        order_docs = ordered["doc_id"].to_list()
+        order_ci = bootstrap_ci({"order": order}, samples, 0.95, seed, order_docs)["order"]
         secs = float(part["seconds"].sum())
         row = {"condition": condition, "system": system, "n": part.height}
+        row["documents"] = part["doc_id"].n_unique()
         for k in ("rouge1", "rouge2", "rougeL"):
             row[k], row[f"{k}_low"], row[f"{k}_high"] = ci[k]
         row["order"], row["order_low"], row["order_high"] = order_ci
@@ -75,7 +84,7 @@ def summary_table(scores: pl.DataFrame, samples: int, seed: int = 0) -> pl.DataF
 
 
 def to_markdown_rows(table: pl.DataFrame) -> pl.DataFrame:
-    """Display form: 'mean [low, high]' cells."""
+    """Display form: 'mean [low, high]' cells; `n` shown as `pairs`."""
 
     def cell(k: str) -> pl.Expr:
         return pl.format(
@@ -88,7 +97,8 @@ def to_markdown_rows(table: pl.DataFrame) -> pl.DataFrame:
     return table.select(
         "condition",
         "system",
-        "n",
+        pl.col("n").alias("pairs"),
+        "documents",
         *(cell(k) for k in ("rouge1", "rouge2", "rougeL", "order")),
         pl.col("summaries_per_s").round(2),
         pl.col("latency_ms").round(1),
@@ -120,7 +130,8 @@ def paired_differences(
     scores: pl.DataFrame, baseline: str, metric: str = "rougeL", samples: int = 1000, seed: int = 0
 ) -> pl.DataFrame:
     """Per condition and system: mean of (system - baseline) `metric` over the pairs both
-    scored, with a 95% paired bootstrap CI (an interval excluding 0 separates the two)."""
+    scored, with a 95% paired cluster-bootstrap CI that resamples documents with all their
+    pairs (an interval excluding 0 separates the two)."""
     rows = []
     for (condition,), part in scores.group_by(["condition"], maintain_order=True):
         base = part.filter(pl.col("system") == baseline).select("id", pl.col(metric).alias("base"))
@@ -129,13 +140,15 @@ def paired_differences(
                 continue
             joined = part.filter(pl.col("system") == system).join(base, on="id")
             diff = (joined[metric] - joined["base"]).to_numpy().astype(float)
-            mean, lo, hi = bootstrap_ci({"d": diff}, samples, 0.95, seed)["d"]
+            docs = joined["doc_id"].to_list()
+            mean, lo, hi = bootstrap_ci({"d": diff}, samples, 0.95, seed, docs)["d"]
             rows.append(
                 {
                     "condition": condition,
                     "system": system,
                     "versus": baseline,
-                    "n": len(diff),
+                    "pairs": len(diff),
+                    "documents": len(set(docs)),
                     f"{metric}_difference": f"{mean:.3f} [{lo:.3f}, {hi:.3f}]",
                 }
             )
