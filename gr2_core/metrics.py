@@ -143,10 +143,15 @@ def metrics_table(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> pl.DataFrame:
-    """Long table (method, split, mode, metric, value, ci_low, ci_high, n) for both modes."""
+    """Long table (method, split, mode, metric, value, ci_low, ci_high, n) for both modes.
+
+    A split where no slate holds its target (a weak pre-ranker on a small sample) has no
+    conditional rows: a mean over no slates is not a number."""
     r = _ranks(ranks)
     rows = []
     for mode, sel in (("conditional", r >= 1), ("end_to_end", np.ones(len(r), dtype=bool))):
+        if not sel.any():
+            continue
         stats = bootstrap_ci(per_sample_metrics(r[sel], ks, ndcg_ks), samples, confidence, seed)
         rows += [(method, split, mode, m, *v, int(sel.sum())) for m, v in stats.items()]
     cov = coverage(r)

@@ -74,8 +74,8 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     assert all(c.info.status == "FINISHED" for c in children)
     assert by_stage["data"].inputs.dataset_inputs, "input datasets logged with mlflow.data"
     assert by_stage["semantic_ids"].data.metrics["semantic_ids/uniqueness"] == 1.0
-    assert by_stage["preranker"].data.params["epochs"] == "2"
-    assert parent.data.params["preranker.epochs"] == "2"
+    assert by_stage["preranker"].data.params["epochs"] == str(ci_config.preranker.epochs)
+    assert parent.data.params["preranker.epochs"] == str(ci_config.preranker.epochs)
     assert by_stage["preranker"].data.metrics["preranker/train_loss"] > 0
     base_metrics = by_stage["baselines"].data.metrics
     r5 = base_metrics["baselines/test/preranker.conditional.recall_at_5"]

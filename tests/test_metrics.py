@@ -70,6 +70,16 @@ def test_metrics_table_modes():
     assert row[("conditional", "ndcg@5")]["value"] == pytest.approx(expected)
 
 
+def test_metrics_table_without_any_covered_slate_has_no_conditional_rows():
+    """A split where no slate holds its target (seen with the tiny CI pre-ranker) gives
+    end-to-end zeros and no conditional rows, never NaN (which the metrics contract refuses)."""
+    table = metrics_table("m", "valid", [None, None, None], ks=[1, 5], ndcg_ks=[5], samples=50)
+    assert set(table["mode"]) == {"end_to_end"}
+    assert not table["value"].is_nan().any()
+    row = {r["metric"]: r for r in table.iter_rows(named=True)}
+    assert row["recall@5"]["value"] == 0.0 and row["coverage"]["value"] == 0.0
+
+
 def test_replace_section_keeps_other_sections(tmp_path):
     from gr2_core.report import replace_section
 
