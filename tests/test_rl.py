@@ -78,25 +78,30 @@ def _tok(tiny):
     return tok
 
 
-def test_dynamic_sampling_replaces_zero_variance_groups(tiny, tmp_path):
+def _trainer(tiny, tmp_path, extra, **kw):
+    """A DAPO trainer on the tiny model with the GR2 rewards plus the test reward `extra`."""
     from datasets import Dataset
 
-    cfg = _cfg()
     tok = _tok(tiny)
     funcs, weights = reward_functions(frozenset(SLATE), (tok.eos_token_id,), True, 0.2, 16, 0)
-    args = dapo_args(cfg, tmp_path / "ckpt")
+    args = dapo_args(_cfg(), tmp_path / "ckpt")
     args.reward_weights = [*weights, 1.0]
     trainer = dapo_trainer_class()(
         model=AutoModelForCausalLM.from_pretrained(tiny),
-        reward_funcs=[*funcs, TextSpread()],
+        reward_funcs=[*funcs, extra],
         args=args,
         train_dataset=Dataset.from_list(_rows()),
         processing_class=tok,
         monitor_reward=funcs[0],
-        max_rounds=6,
-        filter_on=("spread",),
+        **kw,
     )
     trainer.model.train()
+    return trainer, tok
+
+
+def test_dynamic_sampling_replaces_zero_variance_groups(tiny, tmp_path):
+    cfg = _cfg()
+    trainer, tok = _trainer(tiny, tmp_path, TextSpread(), max_rounds=6, filter_on=("spread",))
     flat = [r for r in _rows() if "FLAT" in r["prompt"][0]["content"]][:2]
     batch = [r for r in flat for _ in range(cfg.group_size)]
     out = trainer._generate_and_score_completions(batch)
@@ -133,23 +138,8 @@ class LengthShaping:
 def test_dynamic_sampling_reads_the_task_reward_not_the_length_penalty(tiny, tmp_path):
     """Groups of equally unrankable answers (R = -1 for all) are uninformative even though a
     length penalty varies inside them (DAPO filters on accuracy, not on shaping terms)."""
-    from datasets import Dataset
-
     cfg = _cfg()
-    tok = _tok(tiny)
-    funcs, weights = reward_functions(frozenset(SLATE), (tok.eos_token_id,), True, 0.2, 16, 0)
-    args = dapo_args(cfg, tmp_path / "ckpt")
-    args.reward_weights = [*weights, 1.0]
-    trainer = dapo_trainer_class()(
-        model=AutoModelForCausalLM.from_pretrained(tiny),
-        reward_funcs=[*funcs, LengthShaping()],
-        args=args,
-        train_dataset=Dataset.from_list(_rows()),
-        processing_class=tok,
-        monitor_reward=funcs[0],
-        max_rounds=0,
-    )
-    trainer.model.train()
+    trainer, tok = _trainer(tiny, tmp_path, LengthShaping(), max_rounds=0)
     batch = [r for r in _rows()[:2] for _ in range(cfg.group_size)]
     out = trainer._generate_and_score_completions(batch)
     rerank = trainer._metrics["train"]["rewards/rerank/mean"]
@@ -158,14 +148,7 @@ def test_dynamic_sampling_reads_the_task_reward_not_the_length_penalty(tiny, tmp
     assert trainer.dynamic_history[-1]["zero_std_before"] == 1.0
     assert out["advantages"].shape[0] == len(batch)
     with pytest.raises(ValueError, match="filter_on"):
-        dapo_trainer_class()(
-            model=trainer.model,
-            reward_funcs=[*funcs, LengthShaping()],
-            args=args,
-            train_dataset=Dataset.from_list(_rows()),
-            processing_class=tok,
-            filter_on=("accuracy",),
-        )
+        _trainer(tiny, tmp_path, LengthShaping(), filter_on=("accuracy",))
 
 
 def test_task_signal_leaves_shaping_rewards_out():
