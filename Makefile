@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install teacher-env run ctc test ui ui-stop serve screenshots lint bench bench-teacher bench-rl clean
+.PHONY: install teacher-env run ctc test test-fast ui ui-stop serve screenshots lint bench bench-teacher bench-rl clean
 
 $(BIN)/.installed: pyproject.toml requirements-data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ ctc: install
 
 test: install teacher-env
 	bash infra/run_tests.sh
+
+# the inner loop: unit tests on tiny models, no flows and no servers (the `slow` marker deselected)
+test-fast: install
+	bash infra/run_tests.sh -m "not slow"
 
 ui: install
 	bash infra/start_servers.sh

@@ -30,11 +30,9 @@ from teacher import demo_inputs, latest  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList  # noqa: E402
 
 from data_contracts.config import load_profile  # noqa: E402
-from gr2_core import traces  # noqa: E402
-from gr2_core.prompts import check_answer  # noqa: E402
+from gr2_core.prompts import CoWatch, check_answer  # noqa: E402
 from gr2_core.report import replace_section, to_markdown  # noqa: E402
-from gr2_core.rl import SlateSIDProcessor  # noqa: E402
-from tasks.rl import training_rows  # noqa: E402
+from gr2_core.rl import SlateSIDProcessor, training_rows  # noqa: E402
 
 
 def main() -> None:
@@ -52,8 +50,10 @@ def main() -> None:
     torch.set_num_threads(cfg.num_threads)
     root = Path(args.artifacts)
     cat, slates, sequences = demo_inputs(root)
-    cowatch = traces.CoWatch(sequences) if config.teacher.cowatch_notes else None
-    rows = training_rows(config, slates, cat, cowatch)[: args.prompts]
+    cowatch = CoWatch(sequences) if config.prompt.cowatch_notes else None
+    rows = training_rows(slates, cat, config.prompt, config.rl.slates, config.rl.seed, cowatch)[
+        : args.prompts
+    ]
     table = []
     for mode in args.mode:
         table += rollouts(latest(root, f"sft_{mode}"), rows, cat, cfg, args.seed)

@@ -29,10 +29,9 @@ from teacher import demo_inputs, latest  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from data_contracts.config import load_profile  # noqa: E402
-from gr2_core import traces  # noqa: E402
+from gr2_core.prompts import CoWatch  # noqa: E402
 from gr2_core.report import replace_section, to_markdown  # noqa: E402
-from gr2_core.rl import train_dapo  # noqa: E402
-from tasks.rl import training_rows  # noqa: E402
+from gr2_core.rl import train_dapo, training_rows  # noqa: E402
 
 
 class StepClock(TrainerCallback):
@@ -70,8 +69,10 @@ def main() -> None:
     root = Path(args.artifacts)
     sft = latest(root, "sft_rejection")
     cat, slates, sequences = demo_inputs(root)
-    cowatch = traces.CoWatch(sequences) if config.teacher.cowatch_notes else None
-    rows = training_rows(config, slates, cat, cowatch)  # what the rl stage trains on
+    cowatch = CoWatch(sequences) if config.prompt.cowatch_notes else None
+    rows = training_rows(
+        slates, cat, config.prompt, config.rl.slates, config.rl.seed, cowatch
+    )  # what the rl stage trains on
     tok = AutoTokenizer.from_pretrained(sft.path("model"))
     if args.export:
         folder = Path(args.export)

@@ -60,7 +60,7 @@ class DataConfig(StageConfig):
         50,
         ge=1,
         description="History cap: items kept before a position (a prompt shows the last "
-        "`teacher.history_items` of them).",
+        "`prompt.history_items` of them).",
     )
     max_users: int | None = Field(
         None, ge=10, description="Keep a seeded random subset of users (small profiles only)."
@@ -73,7 +73,7 @@ class DataConfig(StageConfig):
         if isinstance(data, dict) and "prompt_history" in data:
             raise ValueError(
                 "data.prompt_history was removed (it was never read): the prompt shows the last "
-                "`teacher.history_items` history items; set that instead"
+                "`prompt.history_items` history items; set that instead"
             )
         return data
 
@@ -263,8 +263,30 @@ class MidtrainConfig(StageConfig):
         return self.max_steps * self.batch_size * self.grad_accum
 
 
+class PromptConfig(StageConfig):
+    """The reranking prompt (SPEC section 4): one shape for the teacher, SFT, RL, evaluation and
+    serving (`gr2_core.prompts.student_messages`; the teacher's adds the target)."""
+
+    history_items: int = Field(10, ge=1, description="Most recent history items in the prompt.")
+    knowledge: bool = Field(True, description="Domain-knowledge priming (KP) block on/off.")
+    cowatch_notes: bool = Field(True, description="Per-candidate co-watching counts in the KP.")
+
+
 class TeacherConfig(StageConfig):
     """Teacher reasoning traces (SPEC section 4): backend, sampling, the rejection filter."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_settings(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        moved = sorted({"history_items", "knowledge", "cowatch_notes"} & set(data))
+        if moved:
+            raise ValueError(
+                f"teacher.{moved[0]} moved to prompt.{moved[0]} (the prompt section is shared "
+                "by the teacher, SFT, RL, evaluation and serving); set it there"
+            )
+        return data
 
     backend: Literal["openai", "hf"] = Field(
         "openai",
@@ -315,9 +337,6 @@ class TeacherConfig(StageConfig):
         description="Trace sets to generate (one SFT model each).",
     )
     slates: int = Field(200, ge=1, description="Training slates to explain (one per user).")
-    history_items: int = Field(10, ge=1, description="Most recent history items in the prompt.")
-    knowledge: bool = Field(True, description="Domain-knowledge priming (KP) block on/off.")
-    cowatch_notes: bool = Field(True, description="Per-candidate co-watching counts in the KP.")
     max_attempts: int = Field(4, ge=1, description="Tries per slate until one is accepted.")
     samples_per_request: int = Field(4, ge=1, description="Attempts asked for per request.")
     temperature: float = Field(0.8, ge=0)
@@ -624,6 +643,7 @@ class PipelineConfig(StageConfig):
     semantic_ids: SemanticIdConfig = SemanticIdConfig()
     student: StudentConfig = StudentConfig()
     midtrain: MidtrainConfig = MidtrainConfig()
+    prompt: PromptConfig = PromptConfig()
     teacher: TeacherConfig = TeacherConfig()
     sft: SFTConfig = SFTConfig()
     rl: RLConfig = RLConfig()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+CACHE_NEUTRAL = True  # the record of an output, written after it: never shapes one
+
 MANIFEST_NAME = "manifest.json"
 
 

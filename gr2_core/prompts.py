@@ -24,9 +24,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import polars as pl
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from gr2_core.midtrain import Catalogue
+from data_contracts.config import PromptConfig
+from gr2_core.midtrain import Catalogue, train_items
 from gr2_core.semantic_ids.sidmap import SID_BEGIN, SID_END
 
 SID_PATTERN = re.compile(re.escape(SID_BEGIN) + r".*?" + re.escape(SID_END))
@@ -116,6 +119,70 @@ def build_messages(
         {"role": "system", "content": ROLE.format(n=n)},
         {"role": "user", "content": "\n\n".join(parts)},
     ]
+
+
+def student_messages(
+    history: Sequence[str],
+    candidates: Sequence[str],
+    cat: Catalogue,
+    prompt: PromptConfig,
+    cowatch: CoWatch | None = None,
+    user_id: str = "",
+) -> list[dict]:
+    """The reranker's prompt for one slate: the last `prompt.history_items` history items and the
+    candidates, with the KP block and co-watch notes as `prompt` says. SFT, RL, evaluation and
+    serving all call this, so the served prompt is the trained one; the teacher's is
+    `build_messages` on the same settings plus the target."""
+    shown, cands = list(history)[-prompt.history_items :], list(candidates)
+    notes = None
+    if prompt.cowatch_notes:
+        if cowatch is None:
+            raise ValueError("prompt.cowatch_notes needs the training sequences' co-watch counts")
+        notes = cowatch.notes(user_id, shown, cands)
+    return build_messages(shown, cands, cat, prompt.knowledge, notes)
+
+
+class CoWatch:
+    """Item co-occurrence counts over the training split (each user's items[:n-2]).
+
+    For a user's slate, a candidate's note says how many training users watched it and how many
+    co-watches it has with the history shown, the user's own sequence excluded.
+    """
+
+    def __init__(self, sequences: pl.DataFrame):
+        from scipy import sparse
+
+        train = train_items(sequences)
+        self.index = {}
+        rows, cols = [], []
+        self.user_items: dict[str, set[str]] = {}
+        for u, (user, items) in enumerate(train.items()):
+            self.user_items[user] = set(items)
+            for item in set(items):
+                rows.append(u)
+                cols.append(self.index.setdefault(item, len(self.index)))
+        x = sparse.csr_matrix(
+            (np.ones(len(rows), dtype=np.float32), (rows, cols)),
+            shape=(len(train), len(self.index)),
+        )
+        self.counts = (x.T @ x).tocsr()
+
+    def notes(self, user: str, history: Sequence[str], candidates: Sequence[str]) -> dict[str, str]:
+        own = self.user_items.get(user, set())
+        shown = [self.index[h] for h in history if h in self.index]
+        out = {}
+        for c in candidates:
+            j = self.index.get(c)
+            if j is None:
+                out[c] = "no training user watched it"
+                continue
+            row = self.counts.getrow(j)
+            watched = int(row[0, j]) - (c in own)
+            co = int(row[0, shown].sum()) if shown else 0
+            if c in own:  # remove the user's own co-watches
+                co -= sum(1 for h in history if h in own and h in self.index)
+            out[c] = f"watched by {watched} training users; {co} co-watches with the history shown"
+        return out
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,12 @@ from pathlib import Path
 import polars as pl
 
 
+def method_label(stage: str, knowledge: bool = True) -> str:
+    """The results tables' name for a reranker stage: sft_targeted -> sft-targeted, with
+    ` kp-off` when its prompts had no domain-knowledge block (`prompt.knowledge` false)."""
+    return stage.replace("_", "-", 1) + ("" if knowledge else " kp-off")
+
+
 def to_markdown(df: pl.DataFrame) -> str:
     """A GitHub-flavoured markdown table of `df`."""
     head = "| " + " | ".join(df.columns) + " |"

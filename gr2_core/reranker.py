@@ -10,7 +10,7 @@ The bundle holds everything a request needs, so serving never reads the pipeline
 | `train_sequences.parquet` | training interactions, only when the prompt carries co-watch notes |
 
 A request is a user's history and the retriever's candidates (item ids). The prompt is the one of
-SFT and evaluation (`gr2_core.prompts.build_messages` on the last `history_items` items), the
+SFT, RL and evaluation (`gr2_core.prompts.student_messages` with the bundled `prompt` settings), the
 answer is decoded greedily; with `constrained` the recommendation list is then re-decoded as a
 permutation of the candidates' SIDs (`gr2_core.sft.constrained_answers`), so the list is always
 usable. An answer that fails the filter (`gr2_core.prompts.check_answer`) is reported as
@@ -23,31 +23,43 @@ import json
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from pydantic import BaseModel, ConfigDict, model_validator
 
+from data_contracts.config import PromptConfig
 from gr2_core.midtrain import Catalogue
-from gr2_core.prompts import build_messages, check_answer
+from gr2_core.prompts import CoWatch, check_answer, student_messages
 
 
 class RerankRequestError(ValueError):
     """A request the reranker cannot answer; the message names the row, the field and the value."""
 
 
-@dataclass(frozen=True)
-class RerankSettings:
-    """What the bundled model expects: prompt shape and decoding."""
+class RerankSettings(BaseModel):
+    """What the bundled model expects: its prompt settings (the run's `prompt` section) and
+    decoding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     variant: str
-    history_items: int = 10
-    knowledge: bool = True
-    cowatch_notes: bool = True
+    prompt: PromptConfig = PromptConfig()
     max_new_tokens: int = 320
     constrained: bool = True
     batch_size: int = 8
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_prompt(cls, data: object) -> object:
+        """Bundles registered before the `prompt` section kept its fields at the top level."""
+        if isinstance(data, dict):
+            flat = {k: data[k] for k in PromptConfig.model_fields if k in data}
+            if flat:
+                data = {k: v for k, v in data.items() if k not in flat}
+                data["prompt"] = {**dict(data.get("prompt") or {}), **flat}
+        return data
 
 
 def save_bundle(
@@ -62,10 +74,10 @@ def save_bundle(
     shutil.copytree(model_dir, folder / "model")
     catalogue = {"sid": cat.sid, "name": cat.name, "caption": cat.caption}
     (folder / "catalogue.json").write_text(json.dumps(catalogue, ensure_ascii=False))
-    (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
-    if settings.cowatch_notes:
+    (folder / "settings.json").write_text(settings.model_dump_json(indent=2))
+    if settings.prompt.cowatch_notes:
         if sequences is None:
-            raise ValueError("settings.cowatch_notes needs the training sequences")
+            raise ValueError("settings.prompt.cowatch_notes needs the training sequences")
         sequences.select("user_id", "items", "n").write_parquet(folder / "train_sequences.parquet")
     return folder
 
@@ -112,7 +124,7 @@ class Reranker:
         folder = Path(folder)
         raw = json.loads((folder / "catalogue.json").read_text())
         self.cat = Catalogue(raw["sid"], raw["name"], raw["caption"])
-        self.settings = RerankSettings(**json.loads((folder / "settings.json").read_text()))
+        self.settings = RerankSettings.model_validate_json((folder / "settings.json").read_text())
         self.tok = AutoTokenizer.from_pretrained(folder / "model")
         self.model = AutoModelForCausalLM.from_pretrained(folder / "model").eval()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,17 +132,13 @@ class Reranker:
             self.model = self.model.to(device, dtype=torch.bfloat16)
         self.valid_sids = frozenset(self.cat.sid.values())
         self.cowatch = None
-        if self.settings.cowatch_notes:
-            from gr2_core.traces import CoWatch
-
+        if self.settings.prompt.cowatch_notes:
             self.cowatch = CoWatch(pl.read_parquet(folder / "train_sequences.parquet"))
 
     def messages(self, user_id: str, history: Sequence[str], candidates: Sequence[str]) -> list:
-        """The chat prompt of one slate, as SFT and evaluation build it."""
-        s = self.settings
-        history = list(history)[-s.history_items :]
-        notes = self.cowatch.notes(user_id, history, candidates) if self.cowatch else None
-        return build_messages(history, candidates, self.cat, s.knowledge, notes)
+        """The chat prompt of one slate, as SFT, RL and evaluation build it."""
+        prompt = self.settings.prompt
+        return student_messages(history, candidates, self.cat, prompt, self.cowatch, user_id)
 
     def rerank(
         self,
@@ -192,7 +200,7 @@ def score_rows(reranker: Reranker, rows: pl.DataFrame) -> pl.DataFrame:
     from gr2_core.metrics import rank_of
     from gr2_core.promotion import job_ids, slate_results
 
-    n = reranker.settings.history_items
+    n = reranker.settings.prompt.history_items
     histories = [list(h)[-n:] for h in rows["history"].to_list()]
     out = reranker.rerank(histories, rows["candidates"].to_list(), rows["user_id"].to_list())
     ranks, invalid, identity = [], [], []

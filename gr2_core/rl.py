@@ -49,11 +49,15 @@ import functools
 import json
 from pathlib import Path
 
+import polars as pl
 import torch
 
+from data_contracts.config import PromptConfig
 from gr2_core.constrained import SIDTrie
 from gr2_core.metrics import ndcg_at_k
-from gr2_core.prompts import SID_PATTERN
+from gr2_core.midtrain import Catalogue
+from gr2_core.prompts import SID_PATTERN, CoWatch, student_messages
+from gr2_core.rerank_eval import eval_slates
 from gr2_core.rewards import (
     FormatReward,
     RankReward,
@@ -564,3 +568,27 @@ def trim_rollouts(path: Path, step: int) -> None:
         if row.get("step", 0) < step:
             kept.append(line)
     path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+
+def training_rows(
+    slates: pl.DataFrame,
+    cat: Catalogue,
+    prompt: PromptConfig,
+    count: int,
+    seed: int,
+    cowatch: CoWatch | None = None,
+) -> list[dict]:
+    """Up to `count` training-split slates that contain their target, as DAPO's dataset rows:
+    the student prompt, the slate's SIDs and the target's SID."""
+    pool = eval_slates(slates, "train", count, seed)
+    return [
+        {
+            "prompt": student_messages(
+                r["history"], r["candidates"], cat, prompt, cowatch, r["user_id"]
+            ),
+            "slate": [cat.sid[c] for c in r["candidates"]],
+            "target": cat.sid[r["target"]],
+            "prompt_index": k,
+        }
+        for k, r in enumerate(pool.iter_rows(named=True))
+    ]

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from gr2_core.midtrain import Catalogue, train_items
-from gr2_core.prompts import build_messages, check_answer
+from gr2_core.midtrain import Catalogue
+from gr2_core.prompts import CoWatch, build_messages, check_answer
 from gr2_core.teacher import Teacher, TeacherError, TeacherReply, TeacherRequest
 
 log = logging.getLogger(__name__)
@@ -72,49 +72,6 @@ def select_jobs(slates: pl.DataFrame, count: int, history_items: int, seed: int)
             )
         )
     return out
-
-
-class CoWatch:
-    """Item co-occurrence counts over the training split (each user's items[:n-2]).
-
-    For a user's slate, a candidate's note says how many training users watched it and how many
-    co-watches it has with the history shown, the user's own sequence excluded.
-    """
-
-    def __init__(self, sequences: pl.DataFrame):
-        from scipy import sparse
-
-        train = train_items(sequences)
-        self.index = {}
-        rows, cols = [], []
-        self.user_items: dict[str, set[str]] = {}
-        for u, (user, items) in enumerate(train.items()):
-            self.user_items[user] = set(items)
-            for item in set(items):
-                rows.append(u)
-                cols.append(self.index.setdefault(item, len(self.index)))
-        x = sparse.csr_matrix(
-            (np.ones(len(rows), dtype=np.float32), (rows, cols)),
-            shape=(len(train), len(self.index)),
-        )
-        self.counts = (x.T @ x).tocsr()
-
-    def notes(self, user: str, history: Sequence[str], candidates: Sequence[str]) -> dict[str, str]:
-        own = self.user_items.get(user, set())
-        shown = [self.index[h] for h in history if h in self.index]
-        out = {}
-        for c in candidates:
-            j = self.index.get(c)
-            if j is None:
-                out[c] = "no training user watched it"
-                continue
-            row = self.counts.getrow(j)
-            watched = int(row[0, j]) - (c in own)
-            co = int(row[0, shown].sum()) if shown else 0
-            if c in own:  # remove the user's own co-watches
-                co -= sum(1 for h in history if h in own and h in self.index)
-            out[c] = f"watched by {watched} training users; {co} co-watches with the history shown"
-        return out
 
 
 def prompt_hash(messages: list[dict]) -> str:

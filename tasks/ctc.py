@@ -14,14 +14,6 @@ import polars as pl
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-import data_contracts.summaries
-import gr2_core.metrics
-import gr2_core.summarization.baselines
-import gr2_core.summarization.ctc
-import gr2_core.summarization.data
-import gr2_core.summarization.decode
-import gr2_core.summarization.evaluate
-import gr2_core.summarization.metrics
 from data_contracts.ctc import CTCFlowConfig
 from data_contracts.manifest import Manifest, sha256_file
 from data_contracts.summaries import SUMMARY_PAIRS, SUMMARY_SCORES
@@ -49,7 +41,7 @@ from gr2_core.summarization.evaluate import (
     to_markdown_rows,
     tune,
 )
-from tasks.data import read
+from tasks.inputs import read
 from tasks.stage import Stage, StageResult
 from tasks.tracking import StageRun, Tracking
 
@@ -66,20 +58,14 @@ def _fingerprint(config: CTCFlowConfig) -> dict[str, str]:
 DATA = Stage(
     "ctc_data",
     lambda c: c.data,
-    (gr2_core.summarization.data, data_contracts.summaries),
+    __name__,
     _fingerprint,
 )
-TRAIN = Stage("ctc_train", lambda c: c.ctc, (gr2_core.summarization.ctc,))
+TRAIN = Stage("ctc_train", lambda c: c.ctc, __name__)
 EVAL = Stage(
     "ctc_eval",
     lambda c: c.evaluation,
-    (
-        gr2_core.summarization.evaluate,
-        gr2_core.summarization.baselines,
-        gr2_core.summarization.metrics,
-        gr2_core.summarization.decode,
-        gr2_core.metrics,
-    ),
+    __name__,
 )
 
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import polars as pl
 from prefect import get_run_logger, task
 
-import data_contracts.tables
-import gr2_core.data
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest, sha256_file
 from data_contracts.tables import INTERACTIONS, ITEMS, USERS, validate
@@ -24,7 +21,7 @@ def _fingerprint(config: PipelineConfig) -> dict[str, str]:
     return {k: sha256_file(p) if p and p.exists() else "absent" for k, p in files.items()}
 
 
-STAGE = Stage("data", lambda c: c.data, (gr2_core.data, data_contracts.tables), _fingerprint)
+STAGE = Stage("data", lambda c: c.data, __name__, _fingerprint)
 
 
 @task(name="data", cache_key_fn=STAGE.cache_key_fn, persist_result=True)
@@ -65,8 +62,3 @@ def load_data(config: PipelineConfig, tracking: Tracking) -> Manifest:
         return StageResult(files, metrics)
 
     return STAGE.run(config, [], tracking, body)
-
-
-def read(manifest: Manifest, name: str) -> pl.DataFrame:
-    """A table of a finished stage."""
-    return pl.read_parquet(manifest.path(name))

@@ -8,8 +8,6 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-import gr2_core.baselines
-import gr2_core.metrics
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
 from gr2_core.baselines import (
@@ -22,11 +20,11 @@ from gr2_core.baselines import (
 )
 from gr2_core.promotion import paired_differences
 from gr2_core.report import rl_training_table, to_markdown
-from tasks.data import read
+from tasks.inputs import read
 from tasks.stage import Stage, StageResult
 from tasks.tracking import StageRun, Tracking, finish_parent
 
-STAGE = Stage("baselines", lambda c: c.evaluation, (gr2_core.baselines, gr2_core.metrics))
+STAGE = Stage("baselines", lambda c: c.evaluation, __name__)
 
 
 @task(name="baselines", cache_key_fn=STAGE.cache_key_fn, persist_result=True)

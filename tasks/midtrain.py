@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from prefect import get_run_logger, task
 
 import gr2_core.constrained
@@ -26,9 +22,9 @@ from gr2_core.metrics import metrics_table
 from gr2_core.models import default_student, export_student
 from gr2_core.report import to_markdown
 from gr2_core.semantic_ids import tokenizer as tok_core
-from tasks.data import read
+from tasks.inputs import catalogue, read
 from tasks.stage import Stage, StageResult
-from tasks.tracking import StageRun, Tracking
+from tasks.tracking import StageRun, Tracking, mlflow_env
 
 
 def _source_fingerprint(config: PipelineConfig) -> dict[str, str]:
@@ -43,12 +39,12 @@ def _source_fingerprint(config: PipelineConfig) -> dict[str, str]:
     return {"hub_id": src}
 
 
-STUDENT = Stage("student", lambda c: c.student, (gr2_core.models,), _source_fingerprint)
-MIDTRAIN = Stage("midtrain", lambda c: c.midtrain, (gr2_core.midtrain, gr2_core.training))
+STUDENT = Stage("student", lambda c: c.student, __name__, _source_fingerprint)
+MIDTRAIN = Stage("midtrain", lambda c: c.midtrain, __name__)
 EVAL = Stage(
     "midtrain_eval",
     lambda c: c.midtrain,
-    (gr2_core.sid_eval, gr2_core.constrained, gr2_core.midtrain, gr2_core.metrics),
+    __name__,
     lambda c: {"evaluation": c.evaluation.digest()},
 )
 
@@ -91,33 +87,6 @@ def provision_student(
     return STUDENT.run(config, [semantic_ids], tracking, body)
 
 
-@contextmanager
-def mlflow_env(tracking: Tracking, run_id: str) -> Iterator[None]:
-    """Let transformers' MLflow callback attach to the stage run (MLFLOW_RUN_ID)."""
-    values = {
-        "MLFLOW_TRACKING_URI": tracking.tracking_uri,
-        "MLFLOW_RUN_ID": run_id,
-        "MLFLOW_MAX_LOG_PARAMS": "0",  # the stage run already holds the config as params
-    }
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        # the fluent API prefers a URI set in-process (mlflow.set_tracking_uri, by any other
-        # code) over the environment: pin ours for the Trainer, restore the caller's after
-        with _use_tracking_uri(tracking.tracking_uri):
-            yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _catalogue(data: Manifest, semantic_ids: Manifest) -> mt.Catalogue:
-    return mt.Catalogue.build(read(data, "items"), pl.read_parquet(semantic_ids.path("sid_map")))
-
-
 @task(name="midtrain", cache_key_fn=MIDTRAIN.cache_key_fn, persist_result=True)
 def midtrain(
     config: PipelineConfig,
@@ -135,7 +104,7 @@ def midtrain(
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(student.path("model"))
-        cat = _catalogue(data, semantic_ids)
+        cat = catalogue(data, semantic_ids)
         users = read(data, "users") if "users" in data.files else None
         sequences = read(split, "sequences")
         general = mt.aclsum_train_texts()
@@ -242,7 +211,7 @@ def evaluate_midtrain(
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         if torch.cuda.is_available():
             model = model.to("cuda", dtype=torch.bfloat16)
-        cat = _catalogue(data, semantic_ids)
+        cat = catalogue(data, semantic_ids)
         sequences = read(split, "sequences")
         slates = read(candidates, "slates")
         tables, metrics = [], {}

@@ -7,17 +7,16 @@ from pathlib import Path
 import polars as pl
 from prefect import get_run_logger, task
 
-import gr2_core.preranker
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
 from gr2_core import plots
 from gr2_core import preranker as core
-from tasks.data import read
+from tasks.inputs import read
 from tasks.stage import Stage, StageResult
 from tasks.tracking import StageRun, Tracking
 
-TRAIN = Stage("preranker", lambda c: c.preranker, (gr2_core.preranker,))
-CANDIDATES = Stage("candidates", lambda c: c.preranker, (gr2_core.preranker,))
+TRAIN = Stage("preranker", lambda c: c.preranker, __name__)
+CANDIDATES = Stage("candidates", lambda c: c.preranker, __name__)
 
 
 @task(name="preranker", cache_key_fn=TRAIN.cache_key_fn, persist_result=True)

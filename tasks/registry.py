@@ -17,7 +17,7 @@ records the decision as version tags and a markdown report; on promotion the old
 call. A version that already carries a decision is not decided again.
 
 Everything goes through `MlflowClient` with an explicit URI; the two fluent calls that need a
-process URI (`log_model`, `load_model`) run with it pinned (`tasks.midtrain.mlflow_env`).
+process URI (`log_model`, `load_model`) run with it pinned (`tasks.tracking.mlflow_env`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from pathlib import Path
 import polars as pl
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
@@ -48,11 +47,10 @@ from gr2_core.promotion import (
     slate_results,
     summarize,
 )
+from gr2_core.report import method_label
 from gr2_core.reranker import RerankSettings, answerable, save_bundle, score_rows
-from tasks.data import read
-from tasks.midtrain import _catalogue, mlflow_env
-from tasks.reranker_eval import method_label
-from tasks.tracking import Tracking, metric_key, stage_run
+from tasks.inputs import catalogue, read
+from tasks.tracking import Tracking, metric_key, mlflow_env, pinned_tracking_uri, stage_run
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 MODEL_NAME = "reranker"  # the logged model's name inside its run
@@ -94,7 +92,7 @@ def frozen_set(config: PipelineConfig, candidates: Manifest, split: str = FROZEN
 
 def served_method(config: PipelineConfig, model: Manifest) -> str:
     """The evaluation method the registered model serves: constrained list or free answer."""
-    label = method_label(config, model)
+    label = method_label(model.stage, config.prompt.knowledge)
     return f"{label} constrained" if config.sft.constrained_answer else label
 
 
@@ -198,22 +196,19 @@ def register_reranker(
             eval_set=done.tags.get("gr2.eval_set", ""),
             created=False,
         )
-    cat = _catalogue(data, semantic_ids)
+    cat = catalogue(data, semantic_ids)
     results = evaluation_results(config, model, evaluation, rows, cat)
     scores = summarize(results)
     test_rows = frozen_set(config, candidates, "test")
     test_scores = summarize(evaluation_results(config, model, evaluation, test_rows, cat, "test"))
-    t = config.teacher
     settings = RerankSettings(
         variant=model.stage,
-        history_items=t.history_items,
-        knowledge=t.knowledge,
-        cowatch_notes=t.cowatch_notes,
+        prompt=config.prompt,
         max_new_tokens=config.sft.max_new_tokens,
         constrained=config.sft.constrained_answer,
         batch_size=config.sft.eval_batch_size,
     )
-    sequences = read(split, "sequences") if t.cowatch_notes else None
+    sequences = read(split, "sequences") if config.prompt.cowatch_notes else None
     with stage_run(tracking, "register", key, cfg) as run, tempfile.TemporaryDirectory() as tmp:
         bundle = save_bundle(Path(tmp) / "reranker", model.path("model"), cat, settings, sequences)
         run.log_metrics({f"valid/{k}": v for k, v in scores.items()})
@@ -278,7 +273,7 @@ def log_and_register(
     first = rows.row(0, named=True)
     example = pd.DataFrame(
         {
-            "history": [list(first["history"])[-settings["history_items"] :]],
+            "history": [list(first["history"])[-settings["prompt"]["history_items"] :]],
             "candidates": [list(first["candidates"])],
             "user_id": ["new"],
         }
@@ -343,10 +338,10 @@ def champion_results(
     import mlflow
 
     rows = _download_table(client, challenger.run_id, SLATES)
-    with _use_tracking_uri(uri):
+    with pinned_tracking_uri(uri):
         loaded = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
     reranker = loaded.unwrap_python_model().reranker
-    keep = answerable(rows, reranker.cat.sid, reranker.settings.history_items)
+    keep = answerable(rows, reranker.cat.sid, reranker.settings.prompt.history_items)
     note = (
         f"champion version {champion.version} was evaluated on another set: re-scored on "
         f"{sum(keep)} of the {rows.height} frozen-set slates"

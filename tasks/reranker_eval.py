@@ -15,14 +15,12 @@ from prefect import get_run_logger, task
 import gr2_core.prompts
 import gr2_core.rerank_eval as rev
 import gr2_core.sft
-import gr2_core.traces as tr
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
 from gr2_core.baselines import format_table
-from gr2_core.report import to_markdown
-from tasks.data import read
-from tasks.midtrain import _catalogue
-from tasks.sft import _messages, _prompt_settings
+from gr2_core.prompts import CoWatch, student_messages
+from gr2_core.report import method_label, to_markdown
+from tasks.inputs import catalogue, prompt_identity, read
 from tasks.stage import Stage, StageResult
 from tasks.tracking import StageRun, Tracking
 
@@ -30,8 +28,8 @@ EVAL = {
     name: Stage(
         name,
         lambda c: c.sft,  # the evaluation settings (slates, decoding) live in the sft section
-        (gr2_core.sft, gr2_core.prompts, gr2_core.rerank_eval),
-        lambda c: _prompt_settings(c) | {"evaluation": c.evaluation.digest()},
+        __name__,
+        lambda c: prompt_identity(c) | {"evaluation": c.evaluation.digest()},
     )
     for name in (
         "midtrain_rerank_eval",  # the mid-trained student as reranker (no SFT in the run)
@@ -42,12 +40,6 @@ EVAL = {
         "rl_eval_unconditional",
     )
 }
-
-
-def method_label(config: PipelineConfig, model: Manifest) -> str:
-    """The evaluation table's name for a reranker: sft_targeted -> sft-targeted, with
-    ` kp-off` when its prompts had no domain-knowledge block (teacher.knowledge false)."""
-    return model.stage.replace("_", "-", 1) + ("" if config.teacher.knowledge else " kp-off")
 
 
 def evaluation_body(
@@ -75,14 +67,18 @@ def evaluation_body(
         lm = AutoModelForCausalLM.from_pretrained(model.path("model")).eval()
         if torch.cuda.is_available():
             lm = lm.to("cuda", dtype=torch.bfloat16)
-        cat = _catalogue(data, semantic_ids)
-        cowatch = tr.CoWatch(read(split, "sequences")) if config.teacher.cowatch_notes else None
+        cat = catalogue(data, semantic_ids)
+        prompt = config.prompt
+        cowatch = CoWatch(read(split, "sequences")) if prompt.cowatch_notes else None
         slates = read(candidates, "slates")
         tables, answers, metrics = [], [], {}
         for split_name in ("valid", "test"):
             rows = rev.eval_slates(slates, split_name, cfg.eval_slates, cfg.seed)
             cover = rev.coverage(slates, split_name)
-            prompts = [_messages(r, cat, config, cowatch) for r in rows.iter_rows(named=True)]
+            prompts = [
+                student_messages(r["history"], r["candidates"], cat, prompt, cowatch, r["user_id"])
+                for r in rows.iter_rows(named=True)
+            ]
 
             def progress(done: int, total: int, s: str = split_name) -> None:
                 log.info("%s eval %s: %d/%d slates", label, s, done, total)
@@ -207,6 +203,6 @@ def evaluate_reranker(
     `midtrain_rerank_eval`."""
     if stage not in EVAL:
         raise ValueError(f"unknown evaluation stage {stage!r}; known: {sorted(EVAL)}")
-    label = method_label(config, model)
+    label = method_label(model.stage, config.prompt.knowledge)
     upstream = [data, split, semantic_ids, candidates, model]
     return EVAL[stage].run(config, upstream, tracking, evaluation_body(config, label, *upstream))

@@ -12,23 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import polars as pl
 from prefect import get_run_logger, task
 
-import gr2_core.prompts
-import gr2_core.rerank_eval
 import gr2_core.rewards
 import gr2_core.rl
-import gr2_core.traces as tr
 import gr2_core.training
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
 from gr2_core.plots import rl_curves
-from tasks.data import read
-from tasks.midtrain import _catalogue, mlflow_env
-from tasks.sft import _messages, _prompt_settings
+from gr2_core.prompts import CoWatch
+from tasks.inputs import catalogue, prompt_identity, read
 from tasks.stage import Stage, StageResult
-from tasks.tracking import StageRun, Tracking
+from tasks.tracking import StageRun, Tracking, mlflow_env
 
 VARIANTS = ("rejection", "targeted", "unconditional")
 
@@ -36,26 +31,11 @@ RL = {
     v: Stage(
         f"rl_{v}",
         lambda c: c.rl,
-        (gr2_core.rl, gr2_core.rewards, gr2_core.prompts, gr2_core.training),
-        _prompt_settings,
+        __name__,
+        prompt_identity,
     )
     for v in VARIANTS
 }
-
-
-def training_rows(config: PipelineConfig, slates: pl.DataFrame, cat, cowatch) -> list[dict]:
-    """Up to `rl.slates` training slates with their target: prompt, slate SIDs, target SID."""
-    cfg = config.rl
-    pool = gr2_core.rerank_eval.eval_slates(slates, "train", cfg.slates, cfg.seed)
-    return [
-        {
-            "prompt": _messages(r, cat, config, cowatch),
-            "slate": [cat.sid[c] for c in r["candidates"]],
-            "target": cat.sid[r["target"]],
-            "prompt_index": k,
-        }
-        for k, r in enumerate(pool.iter_rows(named=True))
-    ]
 
 
 @task(
@@ -82,9 +62,10 @@ def rl(
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(sft_model.path("model"))
-        cat = _catalogue(data, semantic_ids)
-        cowatch = tr.CoWatch(read(split, "sequences")) if config.teacher.cowatch_notes else None
-        rows = training_rows(config, read(candidates, "slates"), cat, cowatch)
+        cat = catalogue(data, semantic_ids)
+        cowatch = CoWatch(read(split, "sequences")) if config.prompt.cowatch_notes else None
+        slates = read(candidates, "slates")
+        rows = gr2_core.rl.training_rows(slates, cat, config.prompt, cfg.slates, cfg.seed, cowatch)
         if not rows:
             raise ValueError(f"rl_{variant}: no training slate contains its target")
         conditional = variant != "unconditional"

@@ -10,16 +10,14 @@ import polars as pl
 from prefect import get_run_logger, task
 
 import gr2_core.semantic_ids.embeddings as emb_core
-import gr2_core.semantic_ids.rqkmeans
 import gr2_core.semantic_ids.rqvae as rqvae_core
-import gr2_core.semantic_ids.sidmap
 import gr2_core.semantic_ids.tokenizer as tok_core
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
 from data_contracts.tables import SID_MAP, validate
 from gr2_core import plots
 from gr2_core import preranker as pre_core
-from tasks.data import read
+from tasks.inputs import read
 from tasks.stage import Stage, StageResult
 from tasks.tracking import StageRun, Tracking
 
@@ -30,16 +28,11 @@ def _model_fingerprint(config: PipelineConfig) -> dict[str, str]:
     return {"model": str(path), "bytes": str(sum(w.stat().st_size for w in weights))}
 
 
-EMBED = Stage("embeddings", lambda c: c.embeddings, (emb_core,), _model_fingerprint)
+EMBED = Stage("embeddings", lambda c: c.embeddings, __name__, _model_fingerprint)
 SIDS = Stage(
     "semantic_ids",
     lambda c: c.semantic_ids,
-    (
-        tok_core,
-        rqvae_core,
-        gr2_core.semantic_ids.rqkmeans,
-        gr2_core.semantic_ids.sidmap,
-    ),
+    __name__,
 )
 
 

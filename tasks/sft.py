@@ -11,39 +11,24 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-import gr2_core.prompts
 import gr2_core.sft
-import gr2_core.traces as tr
 import gr2_core.training
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
-from tasks.data import read
-from tasks.midtrain import _catalogue, mlflow_env
+from gr2_core.prompts import CoWatch, student_messages
+from tasks.inputs import catalogue, prompt_identity, read
 from tasks.stage import Stage, StageResult
-from tasks.tracking import StageRun, Tracking
-
-
-def _prompt_settings(c: PipelineConfig) -> dict:
-    t = c.teacher
-    return {"knowledge": t.knowledge, "notes": t.cowatch_notes, "history": t.history_items}
-
+from tasks.tracking import StageRun, Tracking, mlflow_env
 
 SFT = {
     m: Stage(
         f"sft_{m}",
         lambda c: c.sft,
-        (gr2_core.sft, gr2_core.prompts, gr2_core.training),
-        _prompt_settings,
+        __name__,
+        prompt_identity,
     )
     for m in ("targeted", "rejection")
 }
-
-
-def _messages(row: dict, cat, config: PipelineConfig, cowatch: tr.CoWatch | None) -> list:
-    t = config.teacher
-    history = row["history"][-t.history_items :]
-    notes = cowatch.notes(row["user_id"], history, row["candidates"]) if cowatch else None
-    return gr2_core.prompts.build_messages(history, row["candidates"], cat, t.knowledge, notes)
 
 
 @task(
@@ -78,13 +63,14 @@ def sft(
                 "teacher.slates, or use a stronger teacher (teacher.base_url)"
             )
         tok = AutoTokenizer.from_pretrained(midtrain.path("model"))
-        cat = _catalogue(data, semantic_ids)
-        cowatch = tr.CoWatch(read(split, "sequences")) if config.teacher.cowatch_notes else None
+        cat = catalogue(data, semantic_ids)
+        prompt = config.prompt
+        cowatch = CoWatch(read(split, "sequences")) if prompt.cowatch_notes else None
         rows, dropped = [], 0
         for r in accepted.iter_rows(named=True):
             sample = gr2_core.sft.encode_sample(
                 tok,
-                _messages(r, cat, config, cowatch),
+                student_messages(r["history"], r["candidates"], cat, prompt, cowatch, r["user_id"]),
                 r["explanation"],
                 r["recommendations"],
                 cfg.lambda_r,

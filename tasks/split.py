@@ -7,16 +7,15 @@ from pathlib import Path
 import polars as pl
 from prefect import task
 
-import gr2_core.split
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
 from gr2_core.split import build_samples, build_sequences, preranker_sequences
-from tasks.data import read
+from tasks.inputs import read
 from tasks.stage import Stage, StageResult
 from tasks.tracking import StageRun, Tracking
 
 # max_history (data config) reaches this stage through the data stage's key.
-STAGE = Stage("split", lambda c: c.split, (gr2_core.split,))
+STAGE = Stage("split", lambda c: c.split, __name__)
 
 
 @task(name="split", cache_key_fn=STAGE.cache_key_fn, persist_result=True)

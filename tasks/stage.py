@@ -1,7 +1,8 @@
 """What every stage task shares: its key, its Prefect cache key, and the run protocol.
 
-A task module declares one `Stage` (name, which part of the config it depends on, which code)
-and a body `(work_dir, run) -> StageResult`; `Stage.run` does the rest: return a complete
+A task module declares one `Stage` (name, which part of the config it depends on, and the task
+module itself, from which `tasks.store.code_closure` finds the code it runs) and a body
+`(work_dir, run) -> StageResult`; `Stage.run` does the rest: return a complete
 earlier output with the same key, or open the work folder, open the MLflow child run, call the
 body, and publish the folder with its manifest (the `publish` task tags the parent run).
 """
@@ -13,7 +14,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from prefect import get_run_logger
@@ -24,6 +24,8 @@ from data_contracts.ctc import FlowConfig
 from data_contracts.manifest import Manifest
 from tasks.store import StageDir, code_version, stage_key
 from tasks.tracking import StageRun, Tracking, stage_run
+
+CACHE_NEUTRAL = True  # the run protocol: never shapes a stage's output
 
 
 @dataclass
@@ -36,6 +38,7 @@ class StageResult:
 
 
 Body = Callable[[Path, StageRun], StageResult]
+STAGES: dict[str, Stage] = {}  # every declared stage by name (filled as task modules load)
 
 
 def require(manifest: Manifest) -> Manifest:
@@ -51,20 +54,28 @@ def require(manifest: Manifest) -> Manifest:
 
 @dataclass(frozen=True)
 class Stage:
-    """A named stage: its config section and the modules its output depends on."""
+    """A named stage: its config section and its task module (`__name__`), whose import closure
+    in the project is the code its output depends on."""
 
     name: str
     section: Callable[[FlowConfig], StageConfig]
-    code: tuple[ModuleType, ...]
+    module: str
     # content that the config does not capture, e.g. hashes of the raw input files
     fingerprint: Callable[[FlowConfig], Mapping] | None = None
+
+    def __post_init__(self) -> None:
+        if STAGES.setdefault(self.name, self) is not self:
+            raise ValueError(f"stage {self.name!r} is declared twice")
+
+    def code(self) -> str:
+        return code_version(self.module)
 
     def identity(self, config: FlowConfig) -> dict:
         extra = self.fingerprint(config) if self.fingerprint else {}
         return {"config": self.section(config).digest(), "extra": extra}
 
     def key(self, config: FlowConfig, upstream: Sequence[Manifest]) -> str:
-        return stage_key(self.name, self.identity(config), upstream, code_version(self.code))
+        return stage_key(self.name, self.identity(config), upstream, self.code())
 
     def cache_key_fn(self, context: TaskRunContext, parameters: dict[str, Any]) -> str:
         """Prefect cache key: the stage key, scoped to the artifacts root in use."""
@@ -83,7 +94,8 @@ class Stage:
         log = get_run_logger()
         for m in upstream:
             require(m)
-        key = self.key(config, upstream)
+        code = self.code()  # once: the key and the manifest must agree
+        key = stage_key(self.name, self.identity(config), upstream, code)
         folder = StageDir(Path(config.artifacts_root), self.name, key)
         if (done := folder.existing()) is not None:
             log.info("%s: output %s already complete, reusing it", self.name, done.directory)
@@ -99,7 +111,7 @@ class Stage:
                 result.files,
                 self.identity(config),
                 upstream,
-                code_version(self.code),
+                code,
                 result.metrics,
                 run.run_id,
                 result.scratch,

@@ -8,18 +8,25 @@ output for a finished one.
 
 `key` = sha256(stage, stage config, upstream keys, code version); it is also the Prefect cache key
 and the `gr2.stage_key` tag of the stage's MLflow run, so the three always agree.
+
+The code version is computed, not listed: `code_closure` follows the imports of a stage's task
+module (at any depth, including imports inside functions) through the project's packages, and
+`code_version` hashes every module it reaches. So editing any function a stage can call re-keys
+that stage, and its dependants through their upstream keys. A module that only moves files,
+logs or records outputs, and so never shapes one, declares `CACHE_NEUTRAL = True` at its top
+level; the walk neither hashes nor follows it. Config models are not neutral: derived settings
+(RL batch sizes, say) are code, so editing `data_contracts/config.py` re-keys every stage.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import inspect
 import json
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import polars as pl
 
@@ -27,12 +34,95 @@ from data_contracts.config import StageConfig
 from data_contracts.manifest import FileEntry, Manifest, sha256_path
 from data_contracts.tables import SCHEMA_VERSION
 
+CACHE_NEUTRAL = True  # keys and folders: never shapes a stage's output
 
-def code_version(modules: Sequence[ModuleType]) -> str:
-    """Hash of the source of the modules a stage's output depends on."""
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_PACKAGES = ("gr2_core", "data_contracts", "tasks")
+
+
+def _module_file(name: str, root: Path) -> Path | None:
+    """The source file of a project module (a package's `__init__.py`), None if not one."""
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = root.joinpath(*name.split("."))
+    for path in (base / "__init__.py", base.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None  # an attribute (`from pkg.mod import func`), not a module
+
+
+def _imported(name: str, path: Path, tree: ast.Module) -> set[str]:
+    """Every module name an import statement in `tree` may bring in, relative ones resolved."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package[: len(package) - node.level + 1] + [node.module or ""]
+                base = ".".join(p for p in parts if p)
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _neutral(tree: ast.Module) -> bool:
+    return any(
+        isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "CACHE_NEUTRAL" for t in node.targets)
+        and isinstance(node.value, ast.Constant)
+        and node.value.value is True
+        for node in tree.body
+    )
+
+
+def code_closure(module: str, root: Path = PROJECT_ROOT) -> dict[str, Path]:
+    """The project modules `module` can run: itself, what it imports (transitively, parent
+    packages included) inside `PROJECT_PACKAGES`, minus `CACHE_NEUTRAL` ones; name -> file."""
+    if _module_file(module, root) is None:
+        raise ValueError(f"{module} is not a module of the project under {root}")
+    closure: dict[str, Path] = {}
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = _module_file(name, root)
+        if path is None:
+            continue
+        neutral, imported = _scan(name, path)
+        if name != module and neutral:
+            continue
+        closure[name] = path
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+        todo.extend(imported)
+    return dict(sorted(closure.items()))
+
+
+_SCANNED: dict[tuple, tuple[bool, frozenset[str]]] = {}
+
+
+def _scan(name: str, path: Path) -> tuple[bool, frozenset[str]]:
+    """(declares CACHE_NEUTRAL, modules it imports), parsed once per file version."""
+    stat = path.stat()
+    memo = (name, str(path), stat.st_mtime_ns, stat.st_size)
+    if memo not in _SCANNED:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+        _SCANNED[memo] = (_neutral(tree), frozenset(_imported(name, path, tree)))
+    return _SCANNED[memo]
+
+
+def code_version(module: str, root: Path = PROJECT_ROOT) -> str:
+    """Hash of the source of every module in `code_closure(module)`, with their names."""
     h = hashlib.sha256()
-    for module in modules:
-        h.update(inspect.getsource(module).encode())
+    for name, path in code_closure(module, root).items():
+        h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -19,20 +19,18 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
-import gr2_core.prompts
-import gr2_core.teacher
 import gr2_core.traces as tr
-from data_contracts.config import PipelineConfig, TeacherConfig
+from data_contracts.config import PipelineConfig, PromptConfig, TeacherConfig
 from data_contracts.manifest import Manifest
 from gr2_core.models import export_student
+from gr2_core.prompts import CoWatch
 from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env
 from gr2_core.teacher import HFTeacher, OpenAITeacher, Retry, Teacher
-from tasks.data import read
-from tasks.midtrain import _catalogue
+from tasks.inputs import catalogue, prompt_identity, read
 from tasks.stage import Stage, StageResult
 from tasks.tracking import StageRun, Tracking
 
-STAGE = Stage("traces", lambda c: c.teacher, (gr2_core.traces, gr2_core.prompts, gr2_core.teacher))
+STAGE = Stage("traces", lambda c: c.teacher, __name__, prompt_identity)
 SERVED_NAME = "gr2-teacher"
 
 
@@ -124,7 +122,8 @@ def teacher_shard(
     mode: str,
     index: int,
     cfg: TeacherConfig,
-    cowatch: tr.CoWatch | None,
+    prompt: PromptConfig,
+    cowatch: CoWatch | None,
 ) -> tr.ShardResult:
     """Sample one shard until every slate is decided (resumes from the shard's file)."""
     log = get_run_logger()
@@ -140,7 +139,7 @@ def teacher_shard(
         mode,
         cfg.max_attempts,
         cfg.samples_per_request,
-        cfg.knowledge,
+        prompt.knowledge,
         cowatch,
         cfg.seed,
         progress,
@@ -164,9 +163,12 @@ def generate_traces(
     log = get_run_logger()
 
     def body(work: Path, run: StageRun) -> StageResult:
-        cat = _catalogue(data, semantic_ids)
-        jobs = tr.select_jobs(read(candidates, "slates"), cfg.slates, cfg.history_items, cfg.seed)
-        cowatch = tr.CoWatch(read(split, "sequences")) if cfg.cowatch_notes else None
+        cat = catalogue(data, semantic_ids)
+        prompt = config.prompt
+        jobs = tr.select_jobs(
+            read(candidates, "slates"), cfg.slates, prompt.history_items, cfg.seed
+        )
+        cowatch = CoWatch(read(split, "sequences")) if prompt.cowatch_notes else None
         shards = tr.split_shards(jobs, cfg.shards)
         log.info("traces: %d slates in %d shards, modes %s", len(jobs), len(shards), cfg.modes)
         files, metrics, failures = {}, {}, []
@@ -179,7 +181,7 @@ def generate_traces(
                 for start in range(0, len(shards), cfg.parallel_shards):
                     futures = [
                         teacher_shard.submit(
-                            shards[k], cat, teacher, paths[k], mode, k, cfg, cowatch
+                            shards[k], cat, teacher, paths[k], mode, k, cfg, prompt, cowatch
                         )
                         for k in range(start, min(len(shards), start + cfg.parallel_shards))
                     ]

@@ -25,6 +25,8 @@ from pydantic import BaseModel
 from data_contracts.config import PipelineConfig, StageConfig
 from data_contracts.ctc import FlowConfig
 
+CACHE_NEUTRAL = True  # logging to MLflow: never shapes a stage's output
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
@@ -203,3 +205,39 @@ def fail_parent_hook_for(config_cls: type[StageConfig]):
 
 
 fail_parent_hook = fail_parent_hook_for(PipelineConfig)
+
+
+@contextmanager
+def pinned_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (`mlflow.start_run`, `log_model`, `load_model`, transformers'
+    callback) at `uri` for the block: it prefers a URI set in-process, by any other code, over
+    the environment. The caller's URI is set back after."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@contextmanager
+def mlflow_env(tracking: Tracking, run_id: str) -> Iterator[None]:
+    """Let transformers' MLflow callback attach to the stage run (MLFLOW_RUN_ID)."""
+    values = {
+        "MLFLOW_TRACKING_URI": tracking.tracking_uri,
+        "MLFLOW_RUN_ID": run_id,
+        "MLFLOW_MAX_LOG_PARAMS": "0",  # the stage run already holds the config as params
+    }
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        with pinned_tracking_uri(tracking.tracking_uri):
+            yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -3,6 +3,7 @@ registration, promotion against a champion scored on another set, rollback."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -10,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from data_contracts.config import PromptConfig
 from gr2_core.midtrain import Catalogue
 from gr2_core.promotion import (
     Gate,
@@ -133,24 +135,38 @@ def student(tiny, tmp_path_factory):
 
 @pytest.fixture
 def bundle(student, tmp_path):
-    settings = RerankSettings(variant="sft_rejection", history_items=3, max_new_tokens=16)
+    settings = RerankSettings(
+        variant="sft_rejection", prompt=PromptConfig(history_items=3), max_new_tokens=16
+    )
     return save_bundle(tmp_path / "bundle", student, _catalogue(), settings, _sequences())
 
 
 def test_bundle_reranks_and_builds_the_training_prompt(bundle):
-    from data_contracts.config import load_profile
-    from gr2_core.traces import CoWatch
-    from tasks.sft import _messages
+    from gr2_core.prompts import CoWatch, student_messages
 
     reranker = Reranker(bundle)
     out = reranker.rerank([["i0", "i1"], []], [["i2", "i3", "i4"], ["i5", "i6"]], ["u0", "new"])
     assert [sorted(a["recommendations"]) for a in out] == [["i2", "i3", "i4"], ["i5", "i6"]]
     assert all(a["valid"] and a["reason"] == "accepted" for a in out)  # constrained list
     # the served prompt is the one SFT trained on and evaluation scored
-    config = load_profile("ci", {"teacher.history_items": 3})
-    row = {"user_id": "u1", "history": ["i0", "i1", "i2", "i3"], "candidates": ["i4", "i5"]}
-    expected = _messages(row, _catalogue(), config, CoWatch(_sequences()))
-    assert reranker.messages("u1", row["history"], row["candidates"]) == expected
+    history, candidates = ["i0", "i1", "i2", "i3"], ["i4", "i5"]
+    prompt = PromptConfig(history_items=3)
+    trained = student_messages(
+        history, candidates, _catalogue(), prompt, CoWatch(_sequences()), "u1"
+    )
+    served = reranker.messages("u1", history, candidates)
+    assert json.dumps(served) == json.dumps(trained)  # byte for byte
+    shown = served[1]["content"]  # the last 3 history items: i0 is cut, i1 is shown
+    assert _catalogue().sid["i0"] not in shown and _catalogue().sid["i1"] in shown
+
+
+def test_bundle_settings_from_before_the_prompt_section_still_load():
+    """A champion registered before `prompt` was its own section kept the fields flat."""
+    flat = {"variant": "sft_rejection", "history_items": 3, "knowledge": False, "max_new_tokens": 8}
+    settings = RerankSettings.model_validate_json(json.dumps(flat))
+    assert settings.prompt == PromptConfig(history_items=3, knowledge=False)
+    again = RerankSettings.model_validate_json(settings.model_dump_json())
+    assert again == settings
 
 
 @pytest.mark.parametrize(
