@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from data_contracts.config import load_profile  # noqa: E402
 from data_contracts.manifest import Manifest  # noqa: E402
 from gr2_core import traces as tr  # noqa: E402
-from gr2_core.midtrain import Catalogue  # noqa: E402
+from gr2_core.catalogue import Catalogue  # noqa: E402
 from gr2_core.models import default_student, export_student  # noqa: E402
 from gr2_core.report import replace_section, to_markdown  # noqa: E402
 from gr2_core.serving import (  # noqa: E402
@@ -202,11 +202,11 @@ def acceptance(args, cat, slates, sequences, model_dir: Path, logs: Path) -> lis
                     teacher,
                     path,
                     mode,
-                    cfg.max_attempts,
-                    cfg.samples_per_request,
-                    kp,
-                    cowatch if kp else None,
-                    cfg.seed,
+                    max_attempts=cfg.max_attempts,
+                    samples_per_request=cfg.samples_per_request,
+                    knowledge=kp,
+                    cowatch=cowatch if kp else None,
+                    seed=cfg.seed,
                     min_explanation_chars=cfg.min_explanation_chars,
                 )
                 stats, per_attempt = tr.filter_stats(tr.attempts_table([path]), len(jobs))

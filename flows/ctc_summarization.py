@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import flow
 
 from data_contracts.ctc import CTCFlowConfig, load_ctc_profile
-from tasks.ctc import evaluate_ctc, load_pairs, publish_ctc, register_ctc, train_ctc
+from tasks.ctc import ctc_data, ctc_eval, ctc_publish, ctc_register, ctc_train
 from tasks.setup import start_tracking
 from tasks.tracking import fail_parent_hook_for
 
@@ -24,11 +24,11 @@ def ctc_summarization(config: CTCFlowConfig = DEMO) -> dict:
     """ACLSum (or your JSONL) pairs, CTC summarizer training, evaluation against Lead-N and a
     zero-shot LLM on clean and noisy test documents, registration in the MLflow registry."""
     tracking = start_tracking(config, FLOW_NAME)
-    data = load_pairs(config, tracking)
-    model = train_ctc(config, data, tracking)
-    scored = evaluate_ctc(config, data, model, tracking)
-    version = register_ctc(config, model, tracking)
-    result = publish_ctc(config, tracking, [data, model, scored])
+    pairs = ctc_data(config, tracking)
+    model = ctc_train(config, pairs, tracking)
+    scored = ctc_eval(config, pairs, model, tracking)
+    version = ctc_register(config, model, tracking)
+    result = ctc_publish(config, tracking, [pairs, model, scored])
     return result | {"model_version": version}
 
 

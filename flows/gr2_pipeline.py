@@ -11,18 +11,20 @@ from __future__ import annotations
 from prefect import flow
 
 from data_contracts.config import PipelineConfig, load_profile
-from tasks.data import load_data
-from tasks.evaluate import evaluate_baselines, publish
-from tasks.midtrain import evaluate_midtrain, midtrain, provision_student
-from tasks.preranker import generate_candidates, train_preranker
-from tasks.registry import promote, register_reranker
-from tasks.reranker_eval import evaluate_reranker
+from data_contracts.manifest import Manifest
+from tasks.baselines import baselines
+from tasks.data import data
+from tasks.midtrain import midtrain, midtrain_eval, student
+from tasks.preranker import candidates, preranker
+from tasks.registry import promote, register
+from tasks.report import publish
+from tasks.reranker_eval import reranker_eval
 from tasks.rl import rl
-from tasks.semantic_ids import build_semantic_ids, embed_items
+from tasks.semantic_ids import embeddings, semantic_ids
 from tasks.setup import start_tracking
 from tasks.sft import sft
-from tasks.split import split_sequences
-from tasks.traces import generate_traces
+from tasks.split import split
+from tasks.traces import traces
 from tasks.tracking import fail_parent_hook
 
 FLOW_NAME = "gr2-pipeline"
@@ -36,50 +38,44 @@ def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
     DAPO per RL variant and its evaluation; the run's reranker registered as `challenger` in
     the MLflow registry and promoted to `champion` if it is not worse."""
     tracking = start_tracking(config, FLOW_NAME)
-    data = load_data(config, tracking)
-    split = split_sequences(config, data, tracking)
-    preranker = train_preranker(config, data, split, tracking)
-    candidates = generate_candidates(config, split, preranker, tracking)
-    baselines = evaluate_baselines(config, split, candidates, tracking)
-    collaborative = preranker if config.embeddings.with_collaborative else None
-    embeddings = embed_items(config, data, tracking, collaborative)
-    semantic_ids = build_semantic_ids(config, embeddings, split, tracking)
-    student = provision_student(config, semantic_ids, tracking)
-    midtrained = midtrain(config, data, split, semantic_ids, student, tracking)
-    midtrain_eval = evaluate_midtrain(
-        config, data, split, semantic_ids, candidates, midtrained, tracking
-    )
-    stages = [data, split, preranker, candidates, baselines, embeddings, semantic_ids]
-    stages += [student, midtrained, midtrain_eval]
+    m: dict[str, Manifest] = {}  # stage name -> its output's manifest
+    m["data"] = data(config, tracking)
+    m["split"] = split(config, m["data"], tracking)
+    m["preranker"] = preranker(config, m["data"], m["split"], tracking)
+    m["candidates"] = candidates(config, m["split"], m["preranker"], tracking)
+    m["baselines"] = baselines(config, m["split"], m["candidates"], tracking)
+    collaborative = m["preranker"] if config.embeddings.with_collaborative else None
+    m["embeddings"] = embeddings(config, m["data"], tracking, collaborative)
+    m["semantic_ids"] = semantic_ids(config, m["embeddings"], m["split"], tracking)
+    m["student"] = student(config, m["semantic_ids"], tracking)
+    slates = (m["data"], m["split"], m["semantic_ids"], m["candidates"])  # what rerankers see
+    m["midtrain"] = midtrain(config, *slates[:3], m["student"], tracking)
+    m["midtrain_eval"] = midtrain_eval(config, *slates, m["midtrain"], tracking)
     modes = config.teacher.modes  # empty: no teacher, no SFT
     if modes:
-        traces = generate_traces(config, data, split, semantic_ids, candidates, tracking)
-        stages.append(traces)
-    slates = (data, split, semantic_ids, candidates)  # what a reranker is trained/evaluated on
-    tuned, trained = {}, {}  # trained: reranker stage -> (model, its evaluation)
+        m["traces"] = traces(config, *slates, tracking)
+    scored: dict[str, str] = {}  # trained reranker stage -> its evaluation stage
+
+    def evaluate(model: str, evaluation: str) -> None:
+        m[evaluation] = reranker_eval(config, evaluation, *slates, m[model], tracking)
+        scored[model] = evaluation
+
     for mode in modes:
-        tuned[mode] = sft(config, mode, data, split, semantic_ids, traces, midtrained, tracking)
-        scored = evaluate_reranker(config, f"sft_eval_{mode}", *slates, tuned[mode], tracking)
-        stages += [tuned[mode], scored]
-        trained[f"sft_{mode}"] = (tuned[mode], scored)
+        m[f"sft_{mode}"] = sft(config, mode, *slates[:3], m["traces"], m["midtrain"], tracking)
+        evaluate(f"sft_{mode}", f"sft_eval_{mode}")
     for variant in config.rl.variants:  # each starts from its SFT model (checked by the config)
-        policy = rl(config, variant, *slates, tuned[config.rl.sft_mode(variant)], tracking)
-        scored = evaluate_reranker(config, f"rl_eval_{variant}", *slates, policy, tracking)
-        stages += [policy, scored]
-        trained[f"rl_{variant}"] = (policy, scored)
+        start = m[f"sft_{config.rl.sft_mode(variant)}"]
+        m[f"rl_{variant}"] = rl(config, variant, *slates, start, tracking)
+        evaluate(f"rl_{variant}", f"rl_eval_{variant}")
+    candidate = config.registry_candidate() if config.registry.enabled else None
+    if candidate == "midtrain":  # no SFT in this run: the mid-trained student reranks
+        evaluate("midtrain", "midtrain_rerank_eval")
     decision = ""
-    if config.registry.enabled:
-        candidate = config.registry_candidate()
-        if candidate == "midtrain":  # no SFT in this run: the mid-trained student reranks
-            stage = "midtrain_rerank_eval"
-            scored = evaluate_reranker(config, stage, *slates, midtrained, tracking)
-            stages.append(scored)
-            trained["midtrain"] = (midtrained, scored)
-        model, scored = trained[candidate]
-        registered = register_reranker(config, model, scored, *slates, tracking)
+    if candidate is not None:
+        registered = register(config, m[candidate], m[scored[candidate]], *slates, tracking)
         if config.registry.promote:
             decision = promote(config, registered, tracking)
-    return publish(config, tracking, stages) | {"promotion": decision}
+    return publish(config, tracking, list(m.values())) | {"promotion": decision}
 
 
 if __name__ == "__main__":

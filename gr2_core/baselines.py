@@ -8,7 +8,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -16,6 +19,10 @@ import polars as pl
 from data_contracts.config import EvalConfig
 from data_contracts.tables import METRICS, validate
 from gr2_core.metrics import metrics_table, rank_of
+from gr2_core.output import Log, StageOutput
+from gr2_core.report import to_markdown
+
+LOG = logging.getLogger(__name__)
 
 Reorder = Callable[[Sequence[str]], list[str]]
 
@@ -96,3 +103,41 @@ def format_table(metrics: pl.DataFrame, metric_names: Sequence[str] | None = Non
     )
     order = [c for c in names if c in wide.columns]
     return wide.select(["split", "mode", "method", "n", *order])
+
+
+@dataclass(frozen=True)
+class BaselinesInputs:
+    slates: Path  # the candidates stage's slates
+    preranker_train: Path  # the split stage's pre-ranker prefixes (popularity counts)
+    title: str  # the report's heading
+
+
+def run(
+    inputs: BaselinesInputs,
+    cfg: EvalConfig,
+    out: Path,
+    log: Log = LOG,
+) -> StageOutput:
+    """Stage `baselines`: the pre-ranker, popularity and random orders on valid and test, both
+    modes, with bootstrap intervals; a long table and its markdown report."""
+    orderings = {
+        "preranker": preranker_order(),
+        "popularity": popularity_order(item_counts(pl.read_parquet(inputs.preranker_train))),
+        "random": random_order(cfg.seed),
+    }
+    metrics = evaluate_orderings(pl.read_parquet(inputs.slates), orderings, cfg, ("valid", "test"))
+    metrics.write_parquet(out / "metrics.parquet")
+    table = format_table(metrics)
+    markdown = f"# {inputs.title}\n\nvalue [95% bootstrap CI]\n\n{to_markdown(table)}\n"
+    (out / "metrics.md").write_text(markdown)
+    flat = {
+        f"{r['split']}/{r['method']}.{r['mode']}.{r['metric']}": r["value"]
+        for r in metrics.iter_rows(named=True)
+    }
+    log.info("baselines:\n%s", to_markdown(table))
+    return StageOutput(
+        {"metrics": "metrics.parquet", "report": "metrics.md"},
+        flat,
+        texts={"metrics.md": markdown},
+        tables={"metrics.csv": metrics},
+    )

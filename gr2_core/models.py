@@ -13,6 +13,10 @@ the existing rows (transformers' `mean_resizing`), which keeps the first logits 
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +28,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from data_contracts.config import StudentConfig
 from gr2_core.data import package_dir
+from gr2_core.output import Log, StageOutput
 from gr2_core.semantic_ids.sidmap import sid_tokens
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,3 +125,44 @@ def export_student(
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudentInputs:
+    semantic_ids: Path  # the semantic-ID stage's folder (its tokenizer config: the SID levels)
+
+
+def run(inputs: StudentInputs, cfg: StudentConfig, out: Path, log: Log = LOG) -> StageOutput:
+    """Stage `student`: export the student to a plain safetensors folder with one token per SID
+    code (and the SID brackets)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    from gr2_core.semantic_ids.tokenizer import load
+
+    _, sid_cfg = load(inputs.semantic_ids)
+    sizes = [sid_cfg.codebook_size] * sid_cfg.levels + [sid_cfg.last_level_size]
+    tiny = (cfg.tiny_hidden_size, cfg.tiny_layers, cfg.seed) if cfg.tiny else None
+    log.info(
+        "student: exporting %s%s with %d SID levels",
+        cfg.source or "packaged SmolLM2-135M-Instruct (GGUF)",
+        " as a tiny random model" if tiny else "",
+        len(sizes),
+    )
+    folder = export_student(out / "model", cfg.source, len(sizes), sizes, tiny)
+    tok = AutoTokenizer.from_pretrained(folder)
+    n_params = 0
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            n_params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    metrics = {
+        "vocab_size": float(len(tok)),
+        "sid_tokens": float(2 + sum(sizes)),
+        "parameters_m": n_params / 1e6,
+    }
+    (out / "sid_levels.json").write_text(json.dumps({"sizes": sizes}))
+    texts = {"model_config.json": AutoConfig.from_pretrained(folder).to_json_string()}
+    return StageOutput({"model": "model", "sid_levels": "sid_levels.json"}, metrics, texts=texts)

@@ -184,3 +184,8 @@ def reranker_bars(table, path: Path, split: str = "test") -> plt.Figure:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return fig
+
+
+def close(fig: plt.Figure) -> None:
+    """Free a figure once its PNG is written (a stage attaches the file, not the object)."""
+    plt.close(fig)

@@ -23,6 +23,7 @@ cost is one training transition per user.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ from tqdm.auto import tqdm
 
 from data_contracts.config import PrerankerConfig
 from data_contracts.tables import SLATES, validate
+from gr2_core import plots
+from gr2_core.output import Log, OnMetrics, StageOutput
+
+LOG = logging.getLogger(__name__)
 
 PAD = 0
 Monitor = tuple[list[list[int]], list[int]]  # (histories, targets) scored by early stopping
@@ -352,3 +357,50 @@ def load(folder: Path) -> tuple[SASRec, ItemVocab]:
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     model.eval()
     return model, vocab
+
+
+@dataclass(frozen=True)
+class PrerankerInputs:
+    items: Path  # the data stage's items (the vocabulary)
+    prefixes: Path  # the split stage's pre-ranker training prefixes
+
+
+def run(
+    inputs: PrerankerInputs,
+    cfg: PrerankerConfig,
+    out: Path,
+    on_metrics: OnMetrics | None = None,
+    log: Log = LOG,
+) -> StageOutput:
+    """Stage `preranker`: train SASRec on the prefixes, early-stopped on each prefix's last item;
+    resumes from `out/checkpoint.pt` after a crash."""
+    vocab = ItemVocab(pl.read_parquet(inputs.items)["item_id"].to_list())
+    prefixes = [vocab.encode(s) for s in pl.read_parquet(inputs.prefixes)["items"]]
+    train, monitor = hold_out_monitor(prefixes)  # monitor: each prefix's last item
+    log.info(
+        "preranker: %d sequences, %d items, %d epochs", len(train), len(vocab.items), cfg.epochs
+    )
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        if on_metrics is not None:
+            on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        log.info("preranker epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+
+    model, history = train_sasrec(
+        train, len(vocab.items), cfg, monitor, on_epoch, checkpoint=out / "checkpoint.pt"
+    )
+    save(model, vocab, out)
+    pl.DataFrame(history).write_parquet(out / "history.parquet")
+    plots.close(plots.preranker_curve(history, out / "training.png"))
+    best = max(history, key=lambda r: r.get("monitor_ndcg@10", 0.0))
+    files = {
+        "model": "model.pt",
+        "config": "config.json",
+        "items": "items.parquet",
+        "history": "history.parquet",
+        "plot": "training.png",
+    }
+    metrics = {"best_epoch": best["epoch"], "epochs_run": float(len(history))}
+    metrics |= {f"best_{k}": v for k, v in best.items() if k.startswith("monitor")}
+    attach = {"training.png": "", "model.pt": "model", "config.json": "model"}
+    return StageOutput(files, metrics, scratch=["checkpoint.pt"], attach=attach)

@@ -29,8 +29,9 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from data_contracts.config import PromptConfig
-from gr2_core.midtrain import Catalogue, train_items
+from gr2_core.catalogue import Catalogue
 from gr2_core.semantic_ids.sidmap import SID_BEGIN, SID_END
+from gr2_core.split import train_items
 
 SID_PATTERN = re.compile(re.escape(SID_BEGIN) + r".*?" + re.escape(SID_END))
 

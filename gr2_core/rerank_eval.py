@@ -8,14 +8,22 @@ is the share of valid answers that repeat the input order (the reward-hacking si
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from data_contracts.config import EvalConfig, PromptConfig, SFTConfig
+from gr2_core.catalogue import Catalogue
 from gr2_core.metrics import bootstrap_ci, per_sample_metrics, rank_of
-from gr2_core.midtrain import Catalogue
-from gr2_core.prompts import check_answer
+from gr2_core.output import Log, StageOutput
+from gr2_core.prompts import CoWatch, check_answer, student_messages
+from gr2_core.report import to_markdown
+
+LOG = logging.getLogger(__name__)
 
 
 def eval_slates(slates: pl.DataFrame, split: str, count: int, seed: int) -> pl.DataFrame:
@@ -131,3 +139,140 @@ def reranker_table(
 
 METRICS = ["recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"]
 METRICS += ["invalid_rate", "identity_rate", "seconds", "coverage"]
+
+
+@dataclass(frozen=True)
+class RerankEvalInputs:
+    model: Path  # the reranker's Hugging Face folder (model and tokenizer)
+    items: Path  # the data stage's items
+    sid_map: Path  # the semantic-ID stage's SID map
+    sequences: Path  # the split stage's sequences (co-watch notes)
+    slates: Path  # the candidates stage's slates
+    label: str  # the reranker's method name in the tables (`method_label`)
+    title: str  # the report's heading
+    prompt: PromptConfig  # the prompt the reranker was trained with
+    bootstrap: EvalConfig  # interval settings (`evaluation` section)
+
+
+def _answer_rows(split: str, method: str, rows: pl.DataFrame, texts, reasons, ranks) -> list:
+    return [
+        {
+            "split": split,
+            "method": method,
+            "job": f"{r['user_id']}:{r['position']}",
+            "text": t,
+            "reason": reason,
+            "rank": int(k),
+        }
+        for r, t, reason, k in zip(rows.iter_rows(named=True), texts, reasons, ranks, strict=True)
+    ]
+
+
+def run(
+    inputs: RerankEvalInputs,
+    cfg: SFTConfig,
+    out: Path,
+    log: Log = LOG,
+) -> StageOutput:
+    """A generative reranker's evaluation stage (`sft_eval_<mode>`, `rl_eval_<variant>`,
+    `midtrain_rerank_eval`): free answers, and answers with the list constrained to the slate,
+    against the pre-ranker order on the same valid/test slates (`cfg.eval_slates` per split,
+    conditional: target in the slate; end to end: coverage x conditional)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gr2_core.baselines import format_table
+    from gr2_core.sft import constrained_answers, generate_answers
+
+    ev, label = inputs.bootstrap, inputs.label
+    torch.set_num_threads(cfg.num_threads)
+    tok = AutoTokenizer.from_pretrained(inputs.model)
+    lm = AutoModelForCausalLM.from_pretrained(inputs.model).eval()
+    if torch.cuda.is_available():
+        lm = lm.to("cuda", dtype=torch.bfloat16)
+    cat = Catalogue.build(pl.read_parquet(inputs.items), pl.read_parquet(inputs.sid_map))
+    prompt = inputs.prompt
+    cowatch = CoWatch(pl.read_parquet(inputs.sequences)) if prompt.cowatch_notes else None
+    slates = pl.read_parquet(inputs.slates)
+    tables, answers, metrics = [], [], {}
+    for split in ("valid", "test"):
+        rows = eval_slates(slates, split, cfg.eval_slates, cfg.seed)
+        cover = coverage(slates, split)
+        prompts = [
+            student_messages(r["history"], r["candidates"], cat, prompt, cowatch, r["user_id"])
+            for r in rows.iter_rows(named=True)
+        ]
+
+        def progress(done: int, total: int, s: str = split) -> None:
+            log.info("%s eval %s: %d/%d slates", label, s, done, total)
+
+        texts, seconds = generate_answers(
+            lm, tok, prompts, cfg.eval_batch_size, cfg.max_new_tokens, progress
+        )
+        variants = [(label, texts, seconds)]
+        if cfg.constrained_answer:
+            slate_sids = [[cat.sid[c] for c in r["candidates"]] for r in rows.iter_rows(named=True)]
+            c_texts, c_secs = constrained_answers(lm, tok, prompts, slate_sids, texts)
+            # the constrained answer costs the free generation plus its own decoding
+            c_secs = [a + b for a, b in zip(seconds, c_secs, strict=True)]
+            variants.append((f"{label} constrained", c_texts, c_secs))
+        for method, answer_texts, secs in variants:
+            scored = score_answers(answer_texts, rows, cat)
+            extra = {
+                "invalid_rate": scored["invalid"],
+                "identity_rate": scored["identity"],
+                "seconds": np.array(secs),
+            }
+            tables.append(
+                reranker_table(
+                    method,
+                    split,
+                    scored["ranks"],
+                    extra,
+                    ev.bootstrap_samples,
+                    ev.confidence,
+                    ev.seed,
+                    cover,
+                )
+            )
+            answers += _answer_rows(
+                split, method, rows, answer_texts, scored["reasons"], scored["ranks"]
+            )
+        pre = rows["target_rank"].to_numpy()
+        zeros = np.zeros(len(pre))
+        # the input order, for paired comparisons on the same slates
+        answers += _answer_rows(
+            split, "preranker", rows, [""] * len(pre), ["input_order"] * len(pre), pre
+        )
+        tables.append(
+            reranker_table(
+                "preranker",
+                split,
+                pre,
+                {"invalid_rate": zeros, "identity_rate": zeros + 1, "seconds": zeros},
+                ev.bootstrap_samples,
+                ev.confidence,
+                ev.seed,
+                cover,
+            )
+        )
+    table = pl.concat(tables)
+    for r in table.iter_rows(named=True):
+        mode = "" if r["mode"] == "conditional" else f"{r['mode']}."
+        metrics[f"{r['split']}/{r['method']}.{mode}{r['metric']}"] = r["value"]
+    table.write_parquet(out / "metrics.parquet")
+    answers_table = pl.DataFrame(answers)
+    answers_table.write_parquet(out / "answers.parquet")
+    pretty = format_table(table, METRICS)
+    markdown = (
+        f"# {inputs.title}\n\nconditional: slates with the target; end_to_end: all slates of the "
+        f"split (coverage x conditional, both resampled for the interval); n: slates decoded; "
+        f"value [95% bootstrap CI]; invalid answers count as misses; seconds = generation time "
+        f"per slate at batch {cfg.eval_batch_size}\n\n{to_markdown(pretty)}\n"
+    )
+    (out / "metrics.md").write_text(markdown)
+    log.info("%s eval:\n%s", label, markdown)
+    files = {"metrics": "metrics.parquet", "answers": "answers.parquet", "report": "metrics.md"}
+    return StageOutput(
+        files, metrics, texts={"metrics.md": markdown}, tables={"answers.csv": answers_table}
+    )

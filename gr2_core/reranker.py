@@ -30,7 +30,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from data_contracts.config import PromptConfig
-from gr2_core.midtrain import Catalogue
+from gr2_core.catalogue import Catalogue
 from gr2_core.prompts import CoWatch, check_answer, student_messages
 
 

@@ -47,15 +47,19 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import torch
 
-from data_contracts.config import PromptConfig
+from data_contracts.config import PromptConfig, RLConfig
+from gr2_core.catalogue import Catalogue
 from gr2_core.constrained import SIDTrie
 from gr2_core.metrics import ndcg_at_k
-from gr2_core.midtrain import Catalogue
+from gr2_core.output import Log, StageOutput
 from gr2_core.prompts import SID_PATTERN, CoWatch, student_messages
 from gr2_core.rerank_eval import eval_slates
 from gr2_core.rewards import (
@@ -592,3 +596,85 @@ def training_rows(
         }
         for k, r in enumerate(pool.iter_rows(named=True))
     ]
+
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RLInputs:
+    variant: str  # rejection, targeted or unconditional (the reward ablation)
+    start: str  # the SFT stage the policy starts from (for the log)
+    model: Path  # that SFT stage's model folder
+    items: Path  # the data stage's items
+    sid_map: Path  # the semantic-ID stage's SID map
+    sequences: Path  # the split stage's sequences (co-watch notes)
+    slates: Path  # the candidates stage's slates (training slates holding their target)
+    prompt: PromptConfig  # the student prompt's settings
+
+
+def run(
+    inputs: RLInputs,
+    cfg: RLConfig,
+    out: Path,
+    report_to: Sequence[str] = (),
+    log: Log = LOG,
+) -> StageOutput:
+    """Stage `rl_<variant>`: DAPO with dynamic sampling from an SFT reranker on training slates
+    that hold their target; the unconditional variant pays the format bonus unconditionally.
+    Resumes from its newest checkpoint."""
+    from transformers import AutoTokenizer
+
+    from gr2_core.plots import close, rl_curves
+
+    variant = inputs.variant
+    tok = AutoTokenizer.from_pretrained(inputs.model)
+    cat = Catalogue.build(pl.read_parquet(inputs.items), pl.read_parquet(inputs.sid_map))
+    prompt = inputs.prompt
+    cowatch = CoWatch(pl.read_parquet(inputs.sequences)) if prompt.cowatch_notes else None
+    slates = pl.read_parquet(inputs.slates)
+    rows = training_rows(slates, cat, prompt, cfg.slates, cfg.seed, cowatch)
+    if not rows:
+        raise ValueError(f"rl_{variant}: no training slate contains its target")
+    conditional = variant != "unconditional"
+    log.info(
+        "rl_%s: DAPO from %s on %d slates, %d steps x %d groups of %d, %s reward",
+        variant,
+        inputs.start,
+        len(rows),
+        cfg.max_steps,
+        cfg.prompts_per_step,
+        cfg.group_size,
+        "conditional" if conditional else "unconditional",
+    )
+    trainer, history = train_dapo(
+        inputs.model,
+        rows,
+        out,
+        cfg,
+        tok,
+        frozenset(cat.sid.values()),
+        conditional=conditional,
+        report_to=tuple(report_to),
+    )
+    trainer.model.save_pretrained(out / "model", safe_serialization=True)
+    tok.save_pretrained(out / "model")
+    (out / "log_history.json").write_text(json.dumps(history, indent=1))
+    close(rl_curves({f"rl-{variant}": history}, out / "curves.png"))
+    steps = [r for r in history if "monitor/identity_rate" in r]
+    metrics = {"train_slates": float(len(rows)), "steps": float(trainer.state.global_step)}
+    if steps:
+        last = steps[-1]
+        for k in ("monitor/identity_rate", "monitor/invalid_rate", "monitor/ndcg_at_5"):
+            metrics[f"final_{k.split('/')[1]}"] = float(last[k])
+        metrics["zero_std_before_mean"] = sum(
+            r.get("dynamic/zero_std_before", 0.0) for r in steps
+        ) / len(steps)
+    files = {
+        "model": "model",
+        "log_history": "log_history.json",
+        "rollouts": "completions.jsonl",
+        "curves": "curves.png",
+    }
+    attach = {"curves.png": "", "completions.jsonl": ""}
+    return StageOutput(files, metrics, scratch=["checkpoints"], attach=attach)

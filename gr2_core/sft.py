@@ -16,10 +16,22 @@ rate) does not depend on how a batch is split into micro-batches or processes.
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+import polars as pl
 import torch
 import torch.nn.functional as F
+
+from data_contracts.config import PromptConfig, SFTConfig
+from gr2_core.catalogue import Catalogue
+from gr2_core.output import Log, StageOutput
+from gr2_core.prompts import CoWatch, student_messages
+
+LOG = logging.getLogger(__name__)
 
 REASONING, ANSWER = "reasoning", "answer"
 
@@ -327,3 +339,88 @@ def constrained_answers(
         texts.append(json.dumps(answer, ensure_ascii=False))
         seconds.append(time.perf_counter() - start)
     return texts, seconds
+
+
+@dataclass(frozen=True)
+class SFTInputs:
+    mode: str  # the trace set: targeted or rejection
+    traces: Path  # the traces stage's accepted `mode` traces
+    attempts: Path  # the traces stage's `mode` attempts (named in the error when none passed)
+    model: Path  # the midtrain stage's model folder
+    items: Path  # the data stage's items
+    sid_map: Path  # the semantic-ID stage's SID map
+    sequences: Path  # the split stage's sequences (co-watch notes)
+    prompt: PromptConfig  # the student prompt's settings
+
+
+def run(
+    inputs: SFTInputs,
+    cfg: SFTConfig,
+    out: Path,
+    report_to: Sequence[str] = (),
+    log: Log = LOG,
+) -> StageOutput:
+    """Stage `sft_<mode>`: decoupled-weight SFT of the mid-trained student on the accepted traces,
+    each written as the student prompt and the teacher's answer; resumes from its newest
+    checkpoint."""
+    from transformers import AutoTokenizer
+
+    mode = inputs.mode
+    accepted = pl.read_parquet(inputs.traces)
+    if accepted.is_empty():
+        attempts = pl.scan_parquet(inputs.attempts).select(pl.len()).collect().item()
+        raise ValueError(
+            f"sft_{mode}: the teacher produced no accepted {mode} trace ({attempts} attempts, "
+            f"file {inputs.attempts}); raise teacher.max_attempts or teacher.slates, or use a "
+            "stronger teacher (teacher.base_url)"
+        )
+    tok = AutoTokenizer.from_pretrained(inputs.model)
+    cat = Catalogue.build(pl.read_parquet(inputs.items), pl.read_parquet(inputs.sid_map))
+    prompt = inputs.prompt
+    cowatch = CoWatch(pl.read_parquet(inputs.sequences)) if prompt.cowatch_notes else None
+    rows, dropped = [], 0
+    for r in accepted.iter_rows(named=True):
+        sample = encode_sample(
+            tok,
+            student_messages(r["history"], r["candidates"], cat, prompt, cowatch, r["user_id"]),
+            r["explanation"],
+            r["recommendations"],
+            cfg.lambda_r,
+            cfg.lambda_o,
+        )
+        if len(sample["input_ids"]) > cfg.max_length:
+            dropped += 1
+            continue
+        rows.append(sample)
+    if not rows:
+        raise ValueError(f"sft_{mode}: every sample is longer than sft.max_length")
+    lengths = [len(r["input_ids"]) for r in rows]
+    log.info(
+        "sft_%s: %d samples (%d dropped as too long), mean %.0f tokens; lambda_r %.2f, "
+        "lambda_o %.2f",
+        mode,
+        len(rows),
+        dropped,
+        sum(lengths) / len(lengths),
+        cfg.lambda_r,
+        cfg.lambda_o,
+    )
+    sample_text = tok.decode(rows[0]["input_ids"], skip_special_tokens=False)
+    model, history = train_sft(inputs.model, rows, out, cfg, tok, report_to=tuple(report_to))
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tok.save_pretrained(out / "model")
+    (out / "log_history.json").write_text(json.dumps(history, indent=1))
+    metrics = {"samples": float(len(rows)), "dropped_too_long": float(dropped)}
+    metrics["tokens"] = float(sum(lengths))
+    final = [r for r in history if "train_runtime" in r]
+    if final:
+        metrics["train_seconds"] = final[-1]["train_runtime"]
+    losses = [r["loss"] for r in history if "loss" in r]
+    if losses:
+        metrics["first_train_loss"], metrics["final_train_loss"] = losses[0], losses[-1]
+    return StageOutput(
+        {"model": "model", "log_history": "log_history.json"},
+        metrics,
+        scratch=["checkpoints"],
+        texts={"sample_0.txt": sample_text},
+    )

@@ -9,15 +9,22 @@ Captions: greedy decoding after `SID + Caption:`; accuracy is the exact title ma
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from data_contracts.config import EvalConfig, MidtrainConfig
+from gr2_core.catalogue import Catalogue
 from gr2_core.constrained import SIDTrie, constrained_generate
-from gr2_core.midtrain import Catalogue, caption_prompt, parse_title, sequential_prompt
+from gr2_core.midtrain import caption_prompt, eval_prompts, parse_title, sequential_prompt
+from gr2_core.output import Log, StageOutput
 
 
 def sid_trie(cat: Catalogue, tok) -> tuple[SIDTrie, dict[tuple[int, ...], str]]:
@@ -114,3 +121,92 @@ def preranker_ranks(rows: pl.DataFrame, slates: pl.DataFrame, split: str) -> np.
 
 def rank_array(ranks: Sequence[int | None]) -> np.ndarray:
     return np.array([r or 0 for r in ranks], dtype=np.int64)
+
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MidtrainEvalInputs:
+    model: Path  # the midtrain stage's model folder
+    heldout_items: Path  # the midtrain stage's captioning hold-out
+    items: Path  # the data stage's items
+    sid_map: Path  # the semantic-ID stage's SID map
+    sequences: Path  # the split stage's sequences
+    slates: Path  # the candidates stage's slates (the pre-ranker's ranks of the same targets)
+    title: str  # the report's heading
+    bootstrap: EvalConfig  # interval settings (`evaluation` section)
+
+
+def run(inputs: MidtrainEvalInputs, cfg: MidtrainConfig, out: Path, log: Log = LOG) -> StageOutput:
+    """Stage `midtrain_eval`: next-item R@K/NDCG@K over the whole catalogue by constrained beam
+    search against the pre-ranker on the same users; caption accuracy on held-out and trained
+    items."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gr2_core.baselines import format_table
+    from gr2_core.metrics import metrics_table
+    from gr2_core.report import to_markdown
+
+    ev = inputs.bootstrap
+    torch.set_num_threads(cfg.num_threads)
+    tok = AutoTokenizer.from_pretrained(inputs.model)
+    model = AutoModelForCausalLM.from_pretrained(inputs.model)
+    if torch.cuda.is_available():
+        model = model.to("cuda", dtype=torch.bfloat16)
+    cat = Catalogue.build(pl.read_parquet(inputs.items), pl.read_parquet(inputs.sid_map))
+    sequences = pl.read_parquet(inputs.sequences)
+    slates = pl.read_parquet(inputs.slates)
+    tables, metrics = [], {}
+    ks = [k for k in (1, 5, 10) if k <= cfg.num_beams]
+    ndcg_ks = [k for k in (5, 10) if k <= cfg.num_beams]
+    for split in ("valid", "test"):
+        rows = eval_prompts(sequences, split, cfg.history_items, cfg.eval_users, cfg.seed)
+
+        def progress(done: int, total: int, s: str = split) -> None:
+            if done % max(1, total // 5) < cfg.eval_batch_size or done == total:
+                log.info("midtrain_eval %s: %d/%d users", s, done, total)
+
+        found = next_item_ranks(
+            model, tok, cat, rows, cfg.num_beams, cfg.eval_batch_size, cfg.max_length, progress
+        )
+        metrics[f"{split}/invalid_rate"] = found["invalid_rate"]
+        metrics[f"{split}/duplicate_rate"] = found["duplicate_rate"]
+        for method, ranks in (
+            (f"student beam{cfg.num_beams}", rank_array(found["ranks"])),
+            ("preranker (SASRec)", preranker_ranks(rows, slates, split)),
+        ):
+            t = metrics_table(
+                method, split, ranks, ks, ndcg_ks, ev.bootstrap_samples, ev.confidence, ev.seed
+            ).filter((pl.col("mode") == "end_to_end") & (pl.col("metric") != "coverage"))
+            tables.append(t)
+    table = pl.concat(tables)
+    heldout = json.loads(inputs.heldout_items.read_text())[: cfg.caption_eval_items]
+    seen = sorted(set(cat.sid) - set(heldout))[: len(heldout)]
+    captions = []
+    for name, items in (("heldout", heldout), ("trained", seen)):
+        if not items:
+            continue
+        acc, rows_out = caption_accuracy(model, tok, cat, items, cfg.eval_batch_size)
+        metrics[f"caption_accuracy/{name}"] = acc
+        captions += [r | {"set": name} for r in rows_out]
+    for r in table.iter_rows(named=True):
+        metrics[f"{r['split']}/{r['method'].split()[0]}.{r['metric']}"] = r["value"]
+    table.write_parquet(out / "metrics.parquet")
+    captions_table = pl.DataFrame(captions)
+    captions_table.write_parquet(out / "captions.parquet")
+    caption_line = ", ".join(
+        f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("caption")
+    )
+    markdown = (
+        f"# {inputs.title}\n\nvalue [95% bootstrap CI]; {cfg.eval_users} sampled users per "
+        f"split; invalid-SID rate {metrics['test/invalid_rate']:.3f}, duplicate-beam rate "
+        f"{metrics['test/duplicate_rate']:.3f}; caption exact-title accuracy: "
+        f"{caption_line}\n\n{to_markdown(format_table(table))}\n"
+    )
+    (out / "metrics.md").write_text(markdown)
+    log.info("midtrain_eval:\n%s", markdown)
+    files = {"metrics": "metrics.parquet", "captions": "captions.parquet", "report": "metrics.md"}
+    return StageOutput(
+        files, metrics, texts={"metrics.md": markdown}, tables={"captions.csv": captions_table}
+    )

@@ -11,9 +11,14 @@ the pre-ranker produces is for a position it never saw in training.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import polars as pl
 
+from data_contracts.config import SplitConfig
 from data_contracts.tables import SAMPLES, SEQUENCES, validate
+from gr2_core.output import StageOutput
 
 
 def build_sequences(interactions: pl.DataFrame) -> pl.DataFrame:
@@ -66,3 +71,38 @@ def preranker_sequences(sequences: pl.DataFrame, holdout: int) -> pl.DataFrame:
     return sequences.select("user_id", pl.col("items").list.head(keep).alias("items")).filter(
         pl.col("items").list.len() >= 2
     )
+
+
+@dataclass(frozen=True)
+class SplitInputs:
+    interactions: Path  # the data stage's filtered interactions, sorted by user and time
+    max_history: int  # `data.max_history`: items kept before a sample's position
+
+
+def run(inputs: SplitInputs, cfg: SplitConfig, out: Path) -> StageOutput:
+    """Stage `split`: sequences, train/valid/test samples, and the pre-ranker's prefixes."""
+    seqs = build_sequences(pl.read_parquet(inputs.interactions))
+    samples = build_samples(seqs, cfg.holdout, inputs.max_history)
+    prefixes = preranker_sequences(seqs, cfg.holdout)
+    seqs.write_parquet(out / "sequences.parquet")
+    samples.write_parquet(out / "samples.parquet")
+    prefixes.write_parquet(out / "preranker_train.parquet")
+    counts = dict(samples.group_by("split").len().iter_rows())
+    metrics = {f"samples_{k}": float(v) for k, v in counts.items()}
+    metrics["preranker_train_users"] = prefixes.height
+    metrics["preranker_train_interactions"] = float(
+        prefixes.select(pl.col("items").list.len().sum()).item()
+    )
+    files = {
+        "sequences": "sequences.parquet",
+        "samples": "samples.parquet",
+        "preranker_train": "preranker_train.parquet",
+    }
+    return StageOutput(files, metrics)
+
+
+def train_items(sequences: pl.DataFrame) -> dict[str, list[str]]:
+    """Per user, the items mid-training may see: all but the valid and test targets."""
+    return {
+        u: items[: n - 2] for u, items, n in sequences.select("user_id", "items", "n").iter_rows()
+    }

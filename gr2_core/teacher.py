@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Literal, Protocol
 
 import httpx
@@ -117,6 +117,7 @@ class OpenAITeacher:
 
     base_url: str
     model: str
+    _: KW_ONLY  # every setting below by name
     api_key: str | None = field(default=None, repr=False)
     concurrency: int = 4
     timeout_s: float = 300.0

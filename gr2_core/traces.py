@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from gr2_core.midtrain import Catalogue
+from gr2_core.catalogue import Catalogue
 from gr2_core.prompts import CoWatch, build_messages, check_answer
 from gr2_core.teacher import Teacher, TeacherError, TeacherReply, TeacherRequest
 
@@ -146,11 +146,12 @@ def run_shard(
     teacher: Teacher,
     path: Path,
     mode: str,
+    *,
     max_attempts: int,
     samples_per_request: int,
     knowledge: bool,
-    cowatch: CoWatch | None,
-    seed: int,
+    cowatch: CoWatch | None = None,
+    seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     min_explanation_chars: int = 0,
 ) -> ShardResult:

@@ -18,6 +18,7 @@ from data_contracts.ctc import CTCFlowConfig
 from data_contracts.manifest import Manifest, sha256_file
 from data_contracts.summaries import SUMMARY_PAIRS, SUMMARY_SCORES
 from data_contracts.tables import validate
+from gr2_core.output import StageOutput
 from gr2_core.plots import ctc_curves, summarizer_bars
 from gr2_core.report import to_markdown
 from gr2_core.summarization.baselines import LLMSummarizer
@@ -42,7 +43,7 @@ from gr2_core.summarization.evaluate import (
     tune,
 )
 from tasks.inputs import read
-from tasks.stage import Stage, StageResult
+from tasks.stage import Stage
 from tasks.tracking import StageRun, Tracking
 
 
@@ -85,10 +86,10 @@ def _cap(pairs: list[SummaryPair], n: int | None, seed: int) -> list[SummaryPair
 
 
 @task(name="ctc_data", cache_key_fn=DATA.cache_key_fn, persist_result=True)
-def load_pairs(config: CTCFlowConfig, tracking: Tracking) -> Manifest:
+def ctc_data(config: CTCFlowConfig, tracking: Tracking) -> Manifest:
     """Read and check the (document, summary) pairs of every split."""
 
-    def body(work: Path, run: StageRun) -> StageResult:
+    def body(work: Path, run: StageRun) -> StageOutput:
         d = config.data
         if d.source == "jsonl":
             pairs = load_jsonl(d.jsonl_path, None, d.document_field, d.summary_field)
@@ -116,7 +117,7 @@ def load_pairs(config: CTCFlowConfig, tracking: Tracking) -> Manifest:
         )
         metrics |= {k: float(v) for k, v in words.row(0, named=True).items()}
         get_run_logger().info("ctc_data: %s", metrics)
-        return StageResult({"pairs": "pairs.parquet"}, metrics)
+        return StageOutput({"pairs": "pairs.parquet"}, metrics)
 
     return DATA.run(config, [], tracking, body)
 
@@ -126,10 +127,10 @@ def spec_of(config: CTCFlowConfig) -> CTCSpec:
 
 
 @task(name="ctc_train", cache_key_fn=TRAIN.cache_key_fn, persist_result=True)
-def train_ctc(config: CTCFlowConfig, data: Manifest, tracking: Tracking) -> Manifest:
+def ctc_train(config: CTCFlowConfig, data: Manifest, tracking: Tracking) -> Manifest:
     """Fit the CTC summarizer; resumes from the last finished epoch after a crash."""
 
-    def body(work: Path, run: StageRun) -> StageResult:
+    def body(work: Path, run: StageRun) -> StageOutput:
         opts = from_config(TrainOptions, config.ctc)
         log = get_run_logger()
 
@@ -151,7 +152,7 @@ def train_ctc(config: CTCFlowConfig, data: Manifest, tracking: Tracking) -> Mani
             "output_vocabulary": len(summarizer.spec.summary_labels),
         }
         files = {"model": "model", "history": "history.parquet", "curves": "curves.png"}
-        return StageResult(files, metrics, scratch=["ckpt"])
+        return StageOutput(files, metrics, scratch=["ckpt"])
 
     return TRAIN.run(config, [data], tracking, body)
 
@@ -161,13 +162,13 @@ def conditions(rates: list[float]) -> dict[str, float]:
 
 
 @task(name="ctc_eval", cache_key_fn=EVAL.cache_key_fn, persist_result=True)
-def evaluate_ctc(
+def ctc_eval(
     config: CTCFlowConfig, data: Manifest, model: Manifest, tracking: Tracking
 ) -> Manifest:
     """CTC (greedy, length-controlled greedy, beam), Lead-N and the zero-shot LLM on the test
     split, clean and with simulated ASR noise."""
 
-    def body(work: Path, run: StageRun) -> StageResult:
+    def body(work: Path, run: StageRun) -> StageOutput:
         e, d = config.evaluation, config.data
         log = get_run_logger()
         test, train = pairs_of(data, "test"), pairs_of(data, "train")
@@ -217,13 +218,13 @@ def evaluate_ctc(
             "report": "report.md",
             "plot": "results.png",
         }
-        return StageResult(files, metrics)
+        return StageOutput(files, metrics)
 
     return EVAL.run(config, [data, model], tracking, body)
 
 
 @task(name="ctc_publish")
-def publish_ctc(config: CTCFlowConfig, tracking: Tracking, stages: list[Manifest]) -> dict:
+def ctc_publish(config: CTCFlowConfig, tracking: Tracking, stages: list[Manifest]) -> dict:
     """Every run (cached or not): the results table in Prefect, stage links on the parent run."""
     from tasks.tracking import finish_parent
 
@@ -256,7 +257,7 @@ SERVING_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "numpy>=2,<3", 
 
 
 @task(name="ctc_register")
-def register_ctc(config: CTCFlowConfig, model: Manifest, tracking: Tracking) -> str:
+def ctc_register(config: CTCFlowConfig, model: Manifest, tracking: Tracking) -> str:
     """Save the trained summarizer as an MLflow pyfunc model, log it to its training run and
     register it under `config.registered_model`. Idempotent: a version already registered for
     this training output (tag `gr2.stage_key`) is returned as is. Returns the version number.

@@ -10,7 +10,7 @@ import polars as pl
 
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
-from gr2_core.midtrain import Catalogue
+from gr2_core.catalogue import Catalogue
 
 
 def prompt_identity(config: PipelineConfig) -> dict:

@@ -169,7 +169,7 @@ def find_version(client: MlflowClient, name: str, key: str):
 
 
 @task(name="register")
-def register_reranker(
+def register(
     config: PipelineConfig,
     model: Manifest,
     evaluation: Manifest,

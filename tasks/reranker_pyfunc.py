@@ -1,6 +1,6 @@
 """The GR2 reranker as an MLflow pyfunc model (a models-from-code file).
 
-`tasks.registry.register_reranker` logs this file with the reranker bundle (model, tokenizer,
+`tasks.registry.register` logs this file with the reranker bundle (model, tokenizer,
 catalogue with the SID map, prompt settings; `gr2_core.reranker`) as artifact `reranker` and
 `gr2_core` as code, so `mlflow.pyfunc.load_model` and `mlflow models serve` need only torch,
 transformers and polars.

@@ -2,9 +2,11 @@
 
 A task module declares one `Stage` (name, which part of the config it depends on, and the task
 module itself, from which `tasks.store.code_closure` finds the code it runs) and a body
-`(work_dir, run) -> StageResult`; `Stage.run` does the rest: return a complete
-earlier output with the same key, or open the work folder, open the MLflow child run, call the
-body, and publish the folder with its manifest (the `publish` task tags the parent run).
+`(work_dir, run) -> StageOutput`, usually one call of the stage's core function
+`gr2_core.<stage>.run`. `Stage.run` does the rest: return a complete earlier output with the same
+key, or open the work folder, open the MLflow child run, call the body, record what the output
+asks to show (`attach`), and publish the folder with its manifest (the `publish` task tags the
+parent run).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +24,27 @@ from prefect.context import TaskRunContext
 from data_contracts.config import StageConfig
 from data_contracts.ctc import FlowConfig
 from data_contracts.manifest import Manifest
+from gr2_core.output import StageOutput
 from tasks.store import StageDir, code_version, stage_key
 from tasks.tracking import StageRun, Tracking, stage_run
 
 CACHE_NEUTRAL = True  # the run protocol: never shapes a stage's output
 
 
-@dataclass
-class StageResult:
-    """What a stage body returns: output files (name -> path in the work folder), metrics."""
-
-    files: dict[str, str]
-    metrics: dict[str, float] = field(default_factory=dict)
-    scratch: Sequence[str] = ()
-
-
-Body = Callable[[Path, StageRun], StageResult]
+Body = Callable[[Path, StageRun], StageOutput]
 STAGES: dict[str, Stage] = {}  # every declared stage by name (filled as task modules load)
+
+
+def attach(run: StageRun, work: Path, result: StageOutput) -> None:
+    """Record on the stage's MLflow run what its core function asked to show."""
+    for name, text in result.texts.items():
+        run.log_text(text, name)
+    for name, table in result.tables.items():
+        run.log_table(table, name)
+    for rel, folder in result.attach.items():
+        run.log_artifact(work / rel, folder or None)
+    for d in result.datasets:
+        run.log_dataset(d.table, d.name, d.source, d.context)
 
 
 def require(manifest: Manifest) -> Manifest:
@@ -107,6 +113,7 @@ class Stage:
             result = body(work, run)
             result.metrics["wall_seconds"] = time.perf_counter() - start
             run.log_metrics(result.metrics)
+            attach(run, work, result)
             manifest = folder.commit(
                 result.files,
                 self.identity(config),

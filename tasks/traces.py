@@ -23,11 +23,12 @@ import gr2_core.traces as tr
 from data_contracts.config import PipelineConfig, PromptConfig, TeacherConfig
 from data_contracts.manifest import Manifest
 from gr2_core.models import export_student
+from gr2_core.output import StageOutput
 from gr2_core.prompts import CoWatch
 from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env
 from gr2_core.teacher import HFTeacher, OpenAITeacher, Retry, Teacher
 from tasks.inputs import catalogue, prompt_identity, read
-from tasks.stage import Stage, StageResult
+from tasks.stage import Stage
 from tasks.tracking import StageRun, Tracking
 
 STAGE = Stage("traces", lambda c: c.teacher, __name__, prompt_identity)
@@ -72,17 +73,17 @@ def open_teacher(cfg: TeacherConfig, work: Path) -> Iterator[Teacher]:
         teacher = OpenAITeacher(
             url,
             model or "",
-            api_key(cfg),
-            cfg.concurrency,
-            cfg.timeout_s,
-            Retry(cfg.max_retries, cfg.backoff_s),
-            cfg.max_tokens,
-            cfg.temperature,
-            cfg.top_p,
-            cfg.structured_output,
-            cfg.use_n,
-            cfg.stepwise,
-            cfg.explanation_chars,
+            api_key=api_key(cfg),
+            concurrency=cfg.concurrency,
+            timeout_s=cfg.timeout_s,
+            retry=Retry(cfg.max_retries, cfg.backoff_s),
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            structured=cfg.structured_output,
+            use_n=cfg.use_n,
+            stepwise=cfg.stepwise,
+            explanation_chars=cfg.explanation_chars,
         )
         if not teacher.model:
             teacher.model = teacher.served_models()[0]
@@ -137,12 +138,12 @@ def teacher_shard(
         teacher,
         path,
         mode,
-        cfg.max_attempts,
-        cfg.samples_per_request,
-        prompt.knowledge,
-        cowatch,
-        cfg.seed,
-        progress,
+        max_attempts=cfg.max_attempts,
+        samples_per_request=cfg.samples_per_request,
+        knowledge=prompt.knowledge,
+        cowatch=cowatch,
+        seed=cfg.seed,
+        progress=progress,
         min_explanation_chars=cfg.min_explanation_chars,
     )
     log.info("%s shard %d: %s", mode, index, result)
@@ -150,7 +151,7 @@ def teacher_shard(
 
 
 @task(name="traces", cache_key_fn=STAGE.cache_key_fn, persist_result=True)
-def generate_traces(
+def traces(
     config: PipelineConfig,
     data: Manifest,
     split: Manifest,
@@ -162,7 +163,7 @@ def generate_traces(
     cfg = config.teacher
     log = get_run_logger()
 
-    def body(work: Path, run: StageRun) -> StageResult:
+    def body(work: Path, run: StageRun) -> StageOutput:
         cat = catalogue(data, semantic_ids)
         prompt = config.prompt
         jobs = tr.select_jobs(
@@ -231,7 +232,7 @@ def generate_traces(
             )
         if (work / "teacher_server.log").exists():
             run.log_artifact(work / "teacher_server.log")
-        return StageResult(files, metrics, scratch=["teacher_model"])
+        return StageOutput(files, metrics, scratch=["teacher_model"])
 
     return STAGE.run(config, [data, split, semantic_ids, candidates], tracking, body)
 

@@ -91,3 +91,12 @@ def tiny(tokenizer, tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def student(tiny, tmp_path_factory):
+    """The tiny model exported as a student: SID tokens for 2 levels of 4 codes added."""
+    from gr2_core.models import export_student
+
+    out = tmp_path_factory.mktemp("student") / "student"
+    return export_student(out, source=str(tiny), levels=2, sizes=[4, 4])

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gr2_core.midtrain as mt
+from gr2_core.catalogue import Catalogue
 from gr2_core.constrained import constrained_generate
 from gr2_core.models import export_student
 from gr2_core.semantic_ids.sidmap import SID_BEGIN, SID_END, encode_sid
@@ -22,7 +23,7 @@ N_ITEMS, LEVELS, SIZE = 30, 3, 8
 SID_RE = re.compile(re.escape(SID_BEGIN) + ".*?" + re.escape(SID_END))
 
 
-def _catalogue() -> mt.Catalogue:
+def _catalogue() -> Catalogue:
     items = pl.DataFrame(
         {
             "item_id": [f"m{i}" for i in range(N_ITEMS)],
@@ -33,7 +34,7 @@ def _catalogue() -> mt.Catalogue:
     )
     codes = [[i % SIZE, (i // SIZE) % SIZE, i // (SIZE * SIZE)] for i in range(N_ITEMS)]
     sid_map = pl.DataFrame({"item_id": items["item_id"], "sid": [encode_sid(c) for c in codes]})
-    return mt.Catalogue.build(items, sid_map)
+    return Catalogue.build(items, sid_map)
 
 
 def _sequences(n_users: int = 12, length: int = 9) -> pl.DataFrame:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_contracts.config import TeacherConfig
-from gr2_core.midtrain import Catalogue
+from gr2_core.catalogue import Catalogue
 from gr2_core.prompts import REASONS, build_messages, check_answer, parse_answer
 from gr2_core.rewards import judge
 from gr2_core.semantic_ids.sidmap import encode_sid

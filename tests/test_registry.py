@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from data_contracts.config import PromptConfig
-from gr2_core.midtrain import Catalogue
+from gr2_core.catalogue import Catalogue
 from gr2_core.promotion import (
     Gate,
     decide,
@@ -123,14 +123,6 @@ def _slates(n: int, seed: int) -> pl.DataFrame:
             }
         )
     return pl.DataFrame(rows)
-
-
-@pytest.fixture(scope="module")
-def student(tiny, tmp_path_factory):
-    from gr2_core.models import export_student
-
-    out = tmp_path_factory.mktemp("student") / "student"
-    return export_student(out, source=str(tiny), levels=2, sizes=[4, 4])
 
 
 @pytest.fixture

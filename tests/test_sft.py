@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_contracts.config import SFTConfig
 from gr2_core import rerank_eval
-from gr2_core.midtrain import Catalogue
+from gr2_core.catalogue import Catalogue
 from gr2_core.sft import (
     WeightedCollator,
     encode_sample,

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 
 import gr2_core.traces as tr
-from gr2_core.midtrain import Catalogue
+from gr2_core.catalogue import Catalogue
 from gr2_core.models import export_student
 from gr2_core.semantic_ids.sidmap import encode_sid
 from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env
@@ -23,6 +23,8 @@ from gr2_core.teacher import OpenAITeacher, Retry, TeacherReply
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+LIMITS = {"max_attempts": 2, "samples_per_request": 1}
+THREE_TRIES = {"max_attempts": 3, "samples_per_request": 1, "knowledge": True}
 
 
 def _sequences(rows: dict[str, list[str]]) -> pl.DataFrame:
@@ -137,12 +139,14 @@ def test_run_shard_rejects_short_explanations_with_their_own_reason(tmp_path):
     recs = [cat.sid[c] for c in ("m3", "m2", "m4")]  # the target first: only the length fails
     teacher = _FixedTeacher(json.dumps({"explanation": " ", "recommendations": recs}))
     path = tmp_path / "shard.jsonl"
-    tr.run_shard([job], cat, teacher, path, "targeted", 2, 1, False, None, 0, None, 20)
+    tr.run_shard(
+        [job], cat, teacher, path, "targeted", **LIMITS, knowledge=False, min_explanation_chars=20
+    )
     assert [(a.accepted, a.reason) for a in tr.read_attempts(path)] == [
         (False, "short_explanation")
     ] * 2
     path = tmp_path / "off.jsonl"
-    tr.run_shard([job], cat, teacher, path, "targeted", 2, 1, False, None, 0)  # minimum off
+    tr.run_shard([job], cat, teacher, path, "targeted", **LIMITS, knowledge=False)  # no minimum
     assert [a.reason for a in tr.read_attempts(path)] == ["accepted"]
 
 
@@ -204,7 +208,14 @@ def test_rejection_run_writes_every_attempt_and_statistics(teacher_model, catalo
     with _server(teacher_model, tmp_path / "server.log", port):
         path = tmp_path / "shard-000.jsonl"
         result = tr.run_shard(
-            jobs, cat, _teacher(port), path, "rejection", 2, 2, True, None, seed=0
+            jobs,
+            cat,
+            _teacher(port),
+            path,
+            "rejection",
+            max_attempts=2,
+            samples_per_request=2,
+            knowledge=True,
         )
     attempts = tr.attempts_table([path])
     assert result.failed_requests == 0 and result.attempts == attempts.height
@@ -244,7 +255,7 @@ def test_a_server_killed_mid_run_is_survived_and_resumed(teacher_model, catalogu
         teacher.retry = retry
 
         def work() -> None:  # targeted mode, up to 3 attempts per slate, 1 sample per request
-            results[key] = tr.run_shard(jobs, cat, teacher, path, "targeted", 3, 1, True, None, 0)
+            results[key] = tr.run_shard(jobs, cat, teacher, path, "targeted", **THREE_TRIES)
 
         thread = threading.Thread(target=work)
         thread.start()
@@ -272,7 +283,7 @@ def test_a_server_killed_mid_run_is_survived_and_resumed(teacher_model, catalogu
         if decided != {j.job_id for j in jobs}:  # slates in flight failed after their retries
             assert results["stopped"].failed_requests > 0
         server.start()
-        second = tr.run_shard(jobs, cat, _teacher(port), path, "targeted", 3, 1, True, None, 0)
+        second = tr.run_shard(jobs, cat, _teacher(port), path, "targeted", **THREE_TRIES)
     finally:
         server.stop()
     after = tr.read_attempts(path)
@@ -303,7 +314,7 @@ def test_published_tables_name_the_teacher_outputs_they_come_from():
     accepted traces, so two publications can be told apart by their teacher outputs."""
     from data_contracts.manifest import FileEntry, Manifest
     from gr2_core.serving import vllm_command
-    from tasks.evaluate import traces_digest
+    from tasks.report import traces_digest
 
     def entry(name: str, sha: str, rows: int | None) -> FileEntry:
         return FileEntry(path=f"{name}.parquet", sha256=sha, bytes=1, rows=rows)

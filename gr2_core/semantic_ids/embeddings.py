@@ -6,6 +6,7 @@ package and loaded with plain transformers (no hub access, no sentence-transform
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from data_contracts.config import EmbeddingConfig
 from gr2_core.data import package_dir
+from gr2_core.output import StageOutput
 
 
 def default_model_path() -> Path:
@@ -77,3 +80,35 @@ def check_embeddings(x: np.ndarray, item_ids: list[str], expected_dim: int | Non
     dups = [i for i in item_ids if i in seen or seen.add(i)]
     if dups:
         raise ValueError(f"duplicate item ids in the catalogue: {sorted(set(dups))[:5]}")
+
+
+@dataclass(frozen=True)
+class EmbeddingInputs:
+    items: Path  # the data stage's items
+    preranker: Path | None = None  # the preranker stage's folder, with `with_collaborative`
+
+
+def run(inputs: EmbeddingInputs, cfg: EmbeddingConfig, out: Path) -> StageOutput:
+    """Stage `embeddings`: MiniLM embeddings of 'title | year | genres' per item, with the
+    pre-ranker's (normalised) item vectors appended when `cfg.with_collaborative`."""
+    items = pl.read_parquet(inputs.items)
+    texts = item_texts(items)
+    model_path = Path(cfg.model_path) if cfg.model_path else None
+    x = embed_texts(texts, model_path, cfg.batch_size, cfg.max_length)
+    if cfg.with_collaborative:
+        if inputs.preranker is None:
+            raise ValueError("embeddings.with_collaborative needs the preranker stage's output")
+        from gr2_core import preranker
+
+        model, vocab = preranker.load(inputs.preranker)
+        collab = model.item_vectors().detach().numpy()
+        order = [vocab.index[i] - 1 for i in items["item_id"].to_list()]
+        collab = collab[order] / np.linalg.norm(collab[order], axis=1, keepdims=True)
+        x = np.concatenate([x, collab.astype(np.float32)], axis=1)
+    np.save(out / "embeddings.npy", x)
+    items.select("item_id", pl.Series("text", texts)).write_parquet(out / "items.parquet")
+    return StageOutput(
+        {"embeddings": "embeddings.npy", "items": "items.parquet"},
+        {"items": float(len(x)), "dim": float(x.shape[1])},
+        texts={"sample_texts.txt": "\n".join(texts[:50])},
+    )

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from data_contracts.config import SemanticIdConfig
+from data_contracts.tables import SID_MAP, validate
+from gr2_core import plots
+from gr2_core.output import Log, OnMetrics, StageOutput
 from gr2_core.semantic_ids.embeddings import check_embeddings
 from gr2_core.semantic_ids.rqkmeans import RQKMeans
 from gr2_core.semantic_ids.rqvae import RQVAE, train_rqvae
@@ -22,6 +27,8 @@ from gr2_core.semantic_ids.sidmap import (
 )
 
 Tokenizer = RQVAE | RQKMeans
+
+LOG = logging.getLogger(__name__)
 
 
 def fit(
@@ -92,3 +99,64 @@ def sid_map_for(
 
 def describe(stats: dict[str, float]) -> str:
     return json.dumps({k: round(v, 4) for k, v in stats.items()})
+
+
+@dataclass(frozen=True)
+class SemanticIdInputs:
+    embeddings: Path  # the embeddings stage's matrix (.npy)
+    items: Path  # the embeddings stage's items, in the matrix's row order
+    preranker_train: Path  # the split stage's prefixes (co-interaction pairs)
+
+
+def run(
+    inputs: SemanticIdInputs,
+    cfg: SemanticIdConfig,
+    out: Path,
+    on_metrics: OnMetrics | None = None,
+    log: Log = LOG,
+) -> StageOutput:
+    """Stage `semantic_ids`: train the SID tokenizer (or reuse `cfg.base`, extending it to new
+    items) and code every item; the map is 100% unique or the stage fails."""
+    x = np.load(inputs.embeddings)
+    ids = pl.read_parquet(inputs.items)["item_id"].to_list()
+    check_embeddings(x, ids)
+    base_map, metrics = None, {}
+    if cfg.base:
+        tok, base_cfg = load(Path(cfg.base))
+        if base_cfg.version != cfg.version:
+            raise ValueError(
+                f"semantic_ids.base {cfg.base} is version {base_cfg.version!r}, config asks "
+                f"for {cfg.version!r}: drop `base` to re-code everything as a new version"
+            )
+        base_map = pl.read_parquet(Path(cfg.base) / "sid_map.parquet")
+        cfg_used = base_cfg
+    else:
+        pairs = None
+        if cfg.contrastive_weight > 0:
+            from gr2_core.semantic_ids.rqvae import co_interaction_pairs
+
+            prefixes = pl.read_parquet(inputs.preranker_train)
+            pairs = co_interaction_pairs(prefixes, ids, 200_000, cfg.seed)
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            if on_metrics is not None:
+                on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+
+        tok, _, seconds = fit(x, cfg, pairs, on_epoch)
+        metrics["train_seconds"] = seconds
+        cfg_used = cfg
+    files = {name: name for name in save(tok, out, cfg_used)}
+    sid_map, stats = sid_map_for(ids, x, tok, cfg_used, base_map)
+    sid_map = validate(SID_MAP, sid_map, "sid_map")
+    if stats["uniqueness"] != 1.0:  # the assigned level guarantees it; never ship otherwise
+        raise AssertionError(f"SID uniqueness {stats['uniqueness']} != 1.0")
+    metrics |= stats
+    metrics["reconstruction_error"] = reconstruction_error(tok, x)
+    sid_map.write_parquet(out / "sid_map.parquet")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    codes = np.array(sid_map["codes"].to_list())
+    plots.close(plots.codebook_usage(codes, cfg_used.levels, out / "usage.png"))
+    log.info("semantic_ids: %s", describe(metrics))
+    attach = {"usage.png": "", "sid_map.parquet": ""} | {name: "tokenizer" for name in files}
+    files |= {"sid_map": "sid_map.parquet", "metrics": "metrics.json", "plot": "usage.png"}
+    return StageOutput(files, metrics, attach=attach)

@@ -1,62 +1,25 @@
-"""Stage `baselines`: pre-ranker, popularity and random orderings, both modes, with CIs."""
+"""The run's report (never cached): Prefect table artifacts, the parent MLflow run's evaluation
+tables and plots, and the sections the CLI writes into docs (`publish`, the flow's last task).
+
+Not a stage: its code shapes no stage output, so it is no stage's cache key; editing it re-keys
+nothing.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
-from gr2_core.baselines import (
-    evaluate_orderings,
-    format_table,
-    item_counts,
-    popularity_order,
-    preranker_order,
-    random_order,
-)
+from gr2_core.baselines import format_table
 from gr2_core.promotion import paired_differences
 from gr2_core.report import rl_training_table, to_markdown
 from tasks.inputs import read
-from tasks.stage import Stage, StageResult
-from tasks.tracking import StageRun, Tracking, finish_parent
-
-STAGE = Stage("baselines", lambda c: c.evaluation, __name__)
-
-
-@task(name="baselines", cache_key_fn=STAGE.cache_key_fn, persist_result=True)
-def evaluate_baselines(
-    config: PipelineConfig, split: Manifest, candidates: Manifest, tracking: Tracking
-) -> Manifest:
-    """Metrics table of the reference orderings on valid and test."""
-    cfg = config.evaluation
-
-    def body(work: Path, run: StageRun) -> StageResult:
-        slates = read(candidates, "slates")
-        orderings = {
-            "preranker": preranker_order(),
-            "popularity": popularity_order(item_counts(read(split, "preranker_train"))),
-            "random": random_order(cfg.seed),
-        }
-        metrics = evaluate_orderings(slates, orderings, cfg, ("valid", "test"))
-        metrics.write_parquet(work / "metrics.parquet")
-        table = format_table(metrics)
-        title = f"Baselines on {config.data.dataset} (profile {config.profile})"
-        markdown = f"# {title}\n\nvalue [95% bootstrap CI]\n\n{to_markdown(table)}\n"
-        (work / "metrics.md").write_text(markdown)
-        run.log_text(markdown, "metrics.md")
-        run.log_table(metrics, "metrics.csv")
-        flat = {
-            f"{r['split']}/{r['method']}.{r['mode']}.{r['metric']}": r["value"]
-            for r in metrics.iter_rows(named=True)
-        }
-        get_run_logger().info("baselines:\n%s", to_markdown(table))
-        return StageResult({"metrics": "metrics.parquet", "report": "metrics.md"}, flat)
-
-    return STAGE.run(config, [split, candidates], tracking, body)
+from tasks.tracking import Tracking, finish_parent
 
 
 def log_evaluation(tracking: Tracking, table, wide, description: str) -> None:
