@@ -70,8 +70,9 @@ class Stage:
     fingerprint: Callable[[FlowConfig], Mapping] | None = None
 
     def __post_init__(self) -> None:
-        if STAGES.setdefault(self.name, self) is not self:
-            raise ValueError(f"stage {self.name!r} is declared twice")
+        known = STAGES.setdefault(self.name, self)
+        if known.module != self.module:  # a module loaded twice re-declares its own: fine
+            raise ValueError(f"stage {self.name!r} is declared in {known.module} and {self.module}")
 
     def code(self) -> str:
         return code_version(self.module)

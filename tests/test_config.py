@@ -37,6 +37,13 @@ def test_removed_prompt_history_fails_and_names_its_replacement():
         load_profile("ci", {"data.prompt_history": 20})
 
 
+@pytest.mark.parametrize("field", ["history_items", "knowledge", "cowatch_notes"])
+def test_prompt_settings_moved_out_of_the_teacher_section_name_their_new_place(field):
+    with pytest.raises(ValidationError, match=rf"teacher.{field} moved to prompt.{field}"):
+        load_profile("ci", {f"teacher.{field}": 3 if field == "history_items" else False})
+    assert load_profile("ci", {f"prompt.{field}": 3 if field == "history_items" else False})
+
+
 def test_explanation_minimum_must_fit_under_the_cap():
     with pytest.raises(ValidationError, match="min_explanation_chars"):
         load_profile("ci", {"teacher.min_explanation_chars": 121})  # ci caps explanations at 120
