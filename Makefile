@@ -47,7 +47,7 @@ run: install teacher-env
 # the CTC summarization experiments on ACLSum (SPEC section 7); results into docs/results.md
 ctc: install
 	mkdir -p "$(PREFECT_HOME)"
-	$(BIN)/gr2 ctc --profile $(PROFILE) --doc docs/results.md
+	$(BIN)/gr2 ctc --profile $(PROFILE) --doc docs/results.md --timings-doc docs/timings.md
 
 test: install teacher-env
 	bash infra/run_tests.sh

@@ -16,6 +16,18 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from data_contracts.rerankers import (
+    RL_VARIANTS,
+    TRACE_MODES,
+    CandidateName,
+    TraceMode,
+    VariantName,
+    registry_order,
+    rl_stage,
+    sft_mode,
+    sft_stage,
+)
+
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "infra" / "configs"
 
 
@@ -332,8 +344,8 @@ class TeacherConfig(StageConfig):
         description="vLLM only: pick each recommendation among the unused slate SIDs "
         "(continue_final_message + choice), so every answer is a permutation.",
     )
-    modes: list[Literal["targeted", "rejection"]] = Field(
-        default_factory=lambda: ["targeted", "rejection"],
+    modes: list[TraceMode] = Field(
+        default_factory=lambda: list(TRACE_MODES),
         description="Trace sets to generate (one SFT model each).",
     )
     slates: int = Field(200, ge=1, description="Training slates to explain (one per user).")
@@ -428,13 +440,13 @@ class RLConfig(StageConfig):
     overlong filtering and soft overlong punishment, dynamic sampling.
     """
 
-    variants: list[Literal["rejection", "targeted", "unconditional"]] = Field(
-        default_factory=lambda: ["rejection", "targeted", "unconditional"],
+    variants: list[VariantName] = Field(
+        default_factory=lambda: [v.name for v in RL_VARIANTS],
         description="RL runs: on SFT-rejection (GR2), on SFT-targeted, and with the "
         "unconditional reward (the reward-hacking ablation, from `unconditional_start`). "
         "Empty: no RL.",
     )
-    unconditional_start: Literal["rejection", "targeted"] = Field(
+    unconditional_start: TraceMode = Field(
         "rejection",
         description="SFT model the unconditional-reward run starts from: SFT-rejection as in "
         "the paper's ablation (its twin is RL-rejection), or SFT-targeted (twin RL-targeted).",
@@ -525,7 +537,7 @@ class RLConfig(StageConfig):
 
     def sft_mode(self, variant: str) -> str:
         """The trace mode of the SFT model RL `variant` starts from (and its conditional twin)."""
-        return self.unconditional_start if variant == "unconditional" else variant
+        return sft_mode(variant, self.unconditional_start)
 
     @model_validator(mode="after")
     def _check(self) -> RLConfig:
@@ -567,15 +579,7 @@ class RegistryConfig(StageConfig):
 
     enabled: bool = Field(True, description="Register the run's reranker and run the promotion.")
     model_name: str = Field("gr2-reranker", description="Registered model name.")
-    candidate: Literal[
-        "auto",
-        "midtrain",
-        "sft_targeted",
-        "sft_rejection",
-        "rl_rejection",
-        "rl_targeted",
-        "rl_unconditional",
-    ] = Field(
+    candidate: CandidateName = Field(
         "auto",
         description="Which trained model of the run to register; auto: the most trained of "
         "rl_rejection, rl_targeted, sft_rejection, sft_targeted, midtrain (never the "
@@ -653,15 +657,14 @@ class PipelineConfig(StageConfig):
 
     def trained_rerankers(self) -> list[str]:
         """The reranker stages this config trains, in pipeline order."""
-        return [f"sft_{m}" for m in self.teacher.modes] + [f"rl_{v}" for v in self.rl.variants]
+        return [sft_stage(m) for m in self.teacher.modes] + [rl_stage(v) for v in self.rl.variants]
 
     def registry_candidate(self) -> str:
         """The stage whose model `registry` registers (resolves `auto`)."""
         if self.registry.candidate != "auto":
             return self.registry.candidate
         trained = set(self.trained_rerankers())
-        order = ["rl_rejection", "rl_targeted", "sft_rejection", "sft_targeted"]
-        return next((s for s in order if s in trained), "midtrain")
+        return next((s for s in registry_order() if s in trained), "midtrain")
 
     @model_validator(mode="after")
     def _candidate_is_trained(self) -> PipelineConfig:

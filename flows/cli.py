@@ -3,6 +3,7 @@
 gr2 run --profile demo                      # the embedded default
 gr2 run --config my.yaml --set preranker.epochs=3
 gr2 ctc --profile demo [--doc docs/results.md] # the CTC summarization experiments
+gr2 report --profile demo --doc docs/results.md # a finished run's tables into docs, no rerun
 gr2 promote --profile demo [--version N]      # challenger (or version N) vs champion
 gr2 rollback --profile demo                  # champion back to previous-champion
 gr2 serve --profile demo [--port 5001]       # serve the champion over HTTP (MLflow scoring server)
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -31,212 +31,105 @@ def _parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def _run_flow(flow_fn, config, refresh: bool) -> tuple[dict, float]:
-    """Run a flow, print its report; (result, wall seconds)."""
+def _run_flow(flow_fn, config, refresh: bool):
+    """Run a flow; its RunResult."""
     if refresh:  # Prefect reads this setting when each task runs
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
-    start = time.perf_counter()
-    result = flow_fn(config)
-    seconds = time.perf_counter() - start
-    print()
-    print(result["report"])
-    return result, seconds
+    return flow_fn(config)
+
+
+def _command(args: argparse.Namespace, command: str) -> str:
+    """The command as a user would type it again (docs flags included)."""
+    out = ["gr2", command, *(["--config", args.config] if args.config else [])]
+    out += [] if args.config else ["--profile", args.profile]
+    out += [f"--set {s}" for s in args.set]
+    for flag in ("doc", "midtrain_doc", "sft_doc", "rl_doc", "timings_doc"):
+        if getattr(args, flag, None):
+            out += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    return " ".join(out)
+
+
+def _variant(args: argparse.Namespace) -> str:
+    """A run with --set overrides gets doc sections of its own."""
+    return "".join(f", {s}" for s in args.set)
+
+
+def _report(args: argparse.Namespace, config, result, command: str) -> None:
+    """Print the run's tables and write the docs sections asked for."""
+    from tasks import report
+
+    written = []
+    if result.flow == "ctc-summarization":
+        text = report.ctc_report(result)
+        if args.doc:
+            written.append(report.write_ctc_doc(config, result, command, args.doc, _variant(args)))
+    else:
+        tables = report.pipeline_report(config, result)
+        text = report.pipeline_console(tables)
+        written = report.write_docs(
+            config,
+            result,
+            tables,
+            command,
+            args.doc,
+            args.midtrain_doc,
+            args.sft_doc,
+            args.rl_doc,
+        )
+    if args.timings_doc:
+        written.append(report.write_timings(result, command, _variant(args), args.timings_doc))
+    print(report.console(result, text))
+    for section in written:
+        print(f"Wrote section {section}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from data_contracts.config import load_profile
+    from flows.gr2_pipeline import gr2_pipeline
+    from tasks.report import record
 
     config = load_profile(args.config or args.profile, _parse_sets(args.set))
-    from flows.gr2_pipeline import gr2_pipeline
-
-    result, seconds = _run_flow(gr2_pipeline, config, args.refresh)
-    print(f"Flow wall time: {seconds:.0f} s")
-    if args.doc:
-        from gr2_core.report import replace_section
-
-        command = "gr2 " + " ".join(argv_for_doc(args))
-        body = result["report"].split("\n", 2)[2]  # drop the report's own title
-        heading = f"Baselines, {config.data.dataset} (profile {config.profile})"
-        note = f"Command: `{command}` (flow wall time {seconds:.0f} s on {os.cpu_count()} cores)."
-        replace_section(Path(args.doc), heading, f"{note}\n\n{body}", "Results")
-        print(f"Wrote section '{heading}' of {args.doc}")
-        if result.get("reranker_report"):
-            heading = f"Rerankers, {config.data.dataset} (profile {config.profile})"
-            text = (
-                f"Command: `{command}`. Every trained reranker of the run and the pre-ranker "
-                "order on the same slates (`sft.eval_slates` per split): conditional = slates "
-                "that contain the target; end_to_end = all slates of the split (the "
-                "pre-ranker's coverage x conditional, both resampled for the interval); n = "
-                "slates decoded. Value [95% bootstrap CI]; invalid answers count as misses; "
-                "seconds = generation time per slate. `constrained`: the list decoded as a "
-                "permutation of the slate (what the registered model serves).\n\n"
-                f"{result['reranker_report']}"
-            )
-            replace_section(Path(args.doc), heading, text, "Results")
-            print(f"Wrote section '{heading}' of {args.doc}")
-    if result.get("midtrain_report"):
-        print(result["midtrain_report"])
-    if args.midtrain_doc and result.get("midtrain_report"):
-        from gr2_core.report import replace_section
-
-        command = "gr2 " + " ".join(argv_for_doc(args, "--midtrain-doc", args.midtrain_doc))
-        body = result["midtrain_report"].split("\n", 2)[2]
-        heading = f"Student next-item retrieval, {config.data.dataset} (profile {config.profile})"
-        seconds_by_stage = result.get("stage_seconds", {})
-        timed = ", ".join(
-            f"{s} {seconds_by_stage[s]:.0f} s"
-            for s in ("student", "midtrain", "midtrain_eval")
-            if seconds_by_stage.get(s) is not None
-        )
-        note = (
-            f"Command: `{command}`"
-            + (f" (stage wall time on {os.cpu_count()} cores: {timed})" if timed else "")
-            + "."
-        )
-        replace_section(Path(args.midtrain_doc), heading, f"{note}\n\n{body}", "Benchmarks")
-        print(f"Wrote section '{heading}' of {args.midtrain_doc}")
-    if result.get("reranker_report"):
-        summary = traces_summary(result.get("traces", {}))
-        print(f"Teacher traces:\n{summary}\n\nRerankers:\n{result['reranker_report']}")
-        if args.sft_doc:
-            from gr2_core.report import replace_section
-
-            command = "gr2 " + " ".join(argv_for_doc(args, "--sft-doc", args.sft_doc))
-            heading = (
-                f"Teacher traces and SFT rerankers, {config.data.dataset} "
-                f"(profile {config.profile})"
-            )
-            secs = result.get("stage_seconds", {})
-            timed = ", ".join(
-                f"{s} {v:.0f} s"
-                for s, v in secs.items()
-                if v is not None and (s == "traces" or s.startswith(("sft", "rl")))
-            )
-            body = (
-                f"Command: `{command}` (stage wall time on {os.cpu_count()} cores: {timed}).\n\n"
-                f"Teacher acceptance (a slate is accepted when one attempt passes the filter with "
-                f"the target first):\n\n{summary}\n\nTeacher outputs: "
-                f"{result.get('traces_digest', '')}.\n\nRerankers on conditional slates, value "
-                f"[95% bootstrap CI]; invalid answers count as misses; seconds = generation time "
-                f"per slate:\n\n{result['reranker_report']}\n"
-            )
-            replace_section(Path(args.sft_doc), heading, body, "Benchmarks")
-            print(f"Wrote section '{heading}' of {args.sft_doc}")
-    if result.get("rl_report"):
-        print(f"DAPO:\n{result['rl_report']}")
-        if args.rl_doc:
-            write_rl_doc(args, config, result)
-    if result.get("promotion"):
-        print(result["promotion"])
-    print(
-        f"MLflow: tracking URI {result['tracking_uri']}, experiment {result['experiment_id']}, "
-        f"run {result['mlflow_run_id']}"
-    )
-    print(
-        "Browse runs: `make ui`, then Prefect at http://127.0.0.1:4200 and MLflow at "
-        f"http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['mlflow_run_id']}"
-    )
+    result = _run_flow(gr2_pipeline, config, args.refresh)
+    command = _command(args, "run")
+    record(result, command=command)
+    _report(args, config, result, command)
     return 0
-
-
-def write_rl_doc(args: argparse.Namespace, config, result: dict) -> None:
-    """The DAPO section of `args.rl_doc`: curves figure, training and test comparison tables."""
-    from gr2_core.plots import rl_curves
-    from gr2_core.report import replace_section
-
-    doc = Path(args.rl_doc)
-    figure = doc.parent / "img" / f"rl_{config.data.dataset}_{config.profile}.png"
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    runs = {stage.replace("_", "-", 1): h for stage, h in result["rl_histories"].items()}
-    rl_curves(runs, figure)
-    command = "gr2 " + " ".join(argv_for_doc(args, "--rl-doc", args.rl_doc))
-    secs = result.get("stage_seconds", {})
-    timed = ", ".join(
-        f"{s} {v:.0f} s" for s, v in secs.items() if v is not None and s.startswith("rl")
-    )
-    rl = config.rl
-    heading = f"DAPO runs, {config.data.dataset} (profile {config.profile})"
-    sampling = f"on ({rl.max_sampling_rounds} extra rounds)" if rl.dynamic_sampling else "off"
-    body = (
-        f"Command: `{command}` (stage wall time on {os.cpu_count()} cores: {timed}). "
-        f"{rl.max_steps} steps of {rl.prompts_per_step} groups x {rl.group_size} rollouts, "
-        f"lr {rl.lr:g}, temperature {rl.temperature:g}, up to {rl.max_completion_length} "
-        f"completion tokens, dynamic sampling {sampling}, {rl.slates} training slates.\n\n"
-        f"![DAPO curves]({figure.relative_to(doc.parent).as_posix()})\n\n"
-        f"{result['rl_report']}\n"
-    )
-    replace_section(doc, heading, body, "DAPO")
-    print(f"Wrote section '{heading}' of {doc} and {figure}")
-
-
-def traces_summary(metrics: dict[str, float]) -> str:
-    """Markdown table of the teacher's acceptance per mode from the traces stage metrics."""
-    modes = sorted({k.split("/")[0] for k in metrics if k.endswith("/slates")})
-    lines = [
-        "| mode | slates | attempts | accepted slates | slate acceptance | attempt acceptance "
-        "| rejections |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for m in modes:
-        reasons = ", ".join(
-            f"{k.split('/', 2)[2]} {v:.0f}"
-            for k, v in sorted(metrics.items())
-            if k.startswith(f"{m}/rejected/")
-        )
-        lines.append(
-            f"| {m} | {metrics[f'{m}/slates']:.0f} | {metrics[f'{m}/attempts']:.0f} | "
-            f"{metrics[f'{m}/accepted_slates']:.0f} | {metrics[f'{m}/slate_acceptance']:.3f} | "
-            f"{metrics[f'{m}/attempt_acceptance']:.3f} | {reasons or '-'} |"
-        )
-    return "\n".join(lines)
-
-
-def argv_for_doc(
-    args: argparse.Namespace, flag: str = "--doc", doc: str | None = None, command: str = "run"
-) -> list[str]:
-    """The run command as a user would type it again."""
-    out = (
-        [command, "--config", args.config] if args.config else [command, "--profile", args.profile]
-    )
-    out += [f"--set {s}" for s in args.set]
-    return [*out, flag, doc or args.doc]
 
 
 def cmd_ctc(args: argparse.Namespace) -> int:
     from data_contracts.ctc import load_ctc_profile
+    from flows.ctc_summarization import ctc_summarization
+    from tasks.report import record
 
     config = load_ctc_profile(args.config or args.profile, _parse_sets(args.set))
-    from flows.ctc_summarization import ctc_summarization
+    result = _run_flow(ctc_summarization, config, args.refresh)
+    command = _command(args, "ctc")
+    record(result, command=command)
+    print(f"Registered model version {result.model_version}")
+    _report(args, config, result, command)
+    return 0
 
-    result, seconds = _run_flow(ctc_summarization, config, args.refresh)
-    print(f"Flow wall time: {seconds:.0f} s; registered model version {result['model_version']}")
-    if args.doc:
-        from gr2_core.report import replace_section
 
-        command = "gr2 " + " ".join(argv_for_doc(args, command="ctc"))
-        source = config.data.source if config.data.source == "jsonl" else "ACLSum"
-        overrides = "".join(f", {s}" for s in args.set)  # a variant gets its own section
-        heading = f"CTC summarization, {source} test (profile {config.profile}{overrides})"
-        secs = ", ".join(
-            f"{s} {v:.0f} s" for s, v in result["stage_seconds"].items() if v is not None
-        )
-        note = (
-            f"Command: `{command}` (flow wall time {seconds:.0f} s on {os.cpu_count()} cores; "
-            f"stages: {secs or 'cached'}). Mean [95% bootstrap CI] over test pairs; the "
-            "intervals are clustered by document: each resample draws documents (papers) with "
-            "all their pairs (aspects), which are not independent; order = "
-            "Kendall tau between summary order and the source positions of its words; "
-            "summaries/s and latency one document at a time. Simulated ASR noise: word "
-            "deletions, substitutions and insertions at the given rate (seeded), not real ASR."
-        )
-        replace_section(Path(args.doc), heading, f"{note}\n\n{result['report']}", "Results")
-        print(f"Wrote section '{heading}' of {args.doc}")
-    if result.get("promotion"):
-        print(result["promotion"])
-    print(
-        f"MLflow: tracking URI {result['tracking_uri']}, experiment {result['experiment_id']}, "
-        f"run {result['mlflow_run_id']}"
-    )
+def cmd_report(args: argparse.Namespace) -> int:
+    """The tables and docs sections of a finished run, read back from MLflow and its manifests
+    (no stage runs): `--run-id`, or the newest finished run of `--profile`."""
+    from data_contracts.config import PipelineConfig, load_profile
+    from data_contracts.ctc import CTCFlowConfig, load_ctc_profile
+    from tasks.report import COMMAND_TAG, latest_run, read_run
+    from tasks.tracking import resolve_uri
+
+    loader = load_ctc_profile if args.ctc else load_profile
+    config = loader(args.config or args.profile, _parse_sets(args.set))
+    uri = args.tracking_uri or resolve_uri(config)
+    run_id = args.run_id or latest_run(uri, config.tracking.experiment, config.profile)
+    result, logged = read_run(uri, run_id)
+    config = (CTCFlowConfig if result.flow == "ctc-summarization" else PipelineConfig)(**logged)
+    from mlflow.tracking import MlflowClient
+
+    command = MlflowClient(uri).get_run(run_id).data.tags.get(COMMAND_TAG)
+    # a run started before commands were recorded: its flow on its profile
+    flow = "ctc" if result.flow == "ctc-summarization" else "run"
+    _report(args, config, result, command or f"gr2 {flow} --profile {result.profile}")
     return 0
 
 
@@ -335,41 +228,54 @@ def cmd_profiles(_: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gr2", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def flow_options(cmd: argparse.ArgumentParser, profiles: str) -> None:
+        cmd.add_argument(
+            "--profile", default="demo", help=f"a profile in {profiles} (default demo)"
+        )
+        cmd.add_argument("--config", help="a YAML config file (overrides --profile)")
+        cmd.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a field, e.g. preranker.epochs=3 (repeatable)",
+        )
+
+    def doc_options(cmd: argparse.ArgumentParser, pipeline: bool) -> None:
+        cmd.add_argument("--doc", help="write the results tables as sections of this markdown file")
+        cmd.add_argument(
+            "--timings-doc",
+            help="write the run's wall times (flow and stages) as a section of this file "
+            "(the repository keeps them in docs/timings.md)",
+        )
+        if not pipeline:
+            return
+        cmd.add_argument("--midtrain-doc", help="the student's next-item table, as a section")
+        cmd.add_argument("--sft-doc", help="teacher acceptance and SFT rerankers, as a section")
+        cmd.add_argument(
+            "--rl-doc", help="DAPO curves (a PNG under img/ beside it) and the RL tables"
+        )
+
     run = sub.add_parser("run", help="run the GR2 pipeline flow")
-    run.add_argument("--profile", default="demo", help="a profile in infra/configs/ (default demo)")
-    run.add_argument("--config", help="a YAML config file (overrides --profile)")
-    run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field, e.g. preranker.epochs=3 (repeatable)",
-    )
+    flow_options(run, "infra/configs/")
     run.add_argument("--refresh", action="store_true", help="ignore cached stage results")
-    run.add_argument(
-        "--doc", help="also write the metrics table as a section of this markdown file"
-    )
-    run.add_argument(
-        "--midtrain-doc",
-        help="also write the student's next-item table as a section of this markdown file",
-    )
-    run.add_argument(
-        "--sft-doc",
-        help="also write the teacher acceptance and SFT reranker tables as a section of this file",
-    )
-    run.add_argument(
-        "--rl-doc",
-        help="also write the DAPO curves (a PNG under img/ beside it) and the RL comparison "
-        "tables as a section of this markdown file",
-    )
+    doc_options(run, pipeline=True)
     run.set_defaults(func=cmd_run)
     ctc = sub.add_parser("ctc", help="run the CTC summarization flow")
-    ctc.add_argument("--profile", default="demo", help="a profile in infra/configs/ctc/")
-    ctc.add_argument("--config", help="a YAML config file (overrides --profile)")
-    ctc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    flow_options(ctc, "infra/configs/ctc/")
     ctc.add_argument("--refresh", action="store_true", help="ignore cached stage results")
-    ctc.add_argument("--doc", help="also write the results table as a section of this file")
+    doc_options(ctc, pipeline=False)
     ctc.set_defaults(func=cmd_ctc)
+    rep = sub.add_parser(
+        "report", help="print and write the docs sections of a finished run (no stage runs)"
+    )
+    flow_options(rep, "infra/configs/ (its tracking settings)")
+    rep.add_argument("--ctc", action="store_true", help="the profile is a CTC profile")
+    rep.add_argument("--run-id", help="the run's parent MLflow run (default: the newest)")
+    rep.add_argument("--tracking-uri", help="default: the profile's tracking URI")
+    doc_options(rep, pipeline=True)
+    rep.set_defaults(func=cmd_report)
     for name, func, text in (
         ("promote", cmd_promote, "decide on the challenger (or --version) against the champion"),
         ("rollback", cmd_rollback, "move the champion alias back to previous-champion"),

@@ -10,7 +10,9 @@ from __future__ import annotations
 from prefect import flow
 
 from data_contracts.ctc import CTCFlowConfig, load_ctc_profile
-from tasks.ctc import ctc_data, ctc_eval, ctc_publish, ctc_register, ctc_train
+from tasks.ctc import ctc_data, ctc_eval, ctc_train
+from tasks.registry import ctc_register
+from tasks.report import RunResult, ctc_publish
 from tasks.setup import start_tracking
 from tasks.tracking import fail_parent_hook_for
 
@@ -20,7 +22,7 @@ _on_failure = fail_parent_hook_for(CTCFlowConfig)
 
 
 @flow(name=FLOW_NAME, on_failure=[_on_failure], on_crashed=[_on_failure])
-def ctc_summarization(config: CTCFlowConfig = DEMO) -> dict:
+def ctc_summarization(config: CTCFlowConfig = DEMO) -> RunResult:
     """ACLSum (or your JSONL) pairs, CTC summarizer training, evaluation against Lead-N and a
     zero-shot LLM on clean and noisy test documents, registration in the MLflow registry."""
     tracking = start_tracking(config, FLOW_NAME)
@@ -29,7 +31,7 @@ def ctc_summarization(config: CTCFlowConfig = DEMO) -> dict:
     scored = ctc_eval(config, pairs, model, tracking)
     version = ctc_register(config, model, tracking)
     result = ctc_publish(config, tracking, [pairs, model, scored])
-    return result | {"model_version": version}
+    return result.model_copy(update={"model_version": version})
 
 
 if __name__ == "__main__":

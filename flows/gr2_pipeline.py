@@ -12,12 +12,13 @@ from prefect import flow
 
 from data_contracts.config import PipelineConfig, load_profile
 from data_contracts.manifest import Manifest
+from data_contracts.rerankers import MIDTRAIN_RERANK_EVAL, eval_stage, rl_stage, sft_stage
 from tasks.baselines import baselines
 from tasks.data import data
 from tasks.midtrain import midtrain, midtrain_eval, student
 from tasks.preranker import candidates, preranker
 from tasks.registry import promote, register
-from tasks.report import publish
+from tasks.report import RunResult, publish
 from tasks.reranker_eval import reranker_eval
 from tasks.rl import rl
 from tasks.semantic_ids import embeddings, semantic_ids
@@ -32,7 +33,7 @@ DEMO = load_profile("demo")  # the form's defaults in the Prefect UI
 
 
 @flow(name=FLOW_NAME, on_failure=[fail_parent_hook], on_crashed=[fail_parent_hook])
-def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
+def gr2_pipeline(config: PipelineConfig = DEMO) -> RunResult:
     """Data, split, pre-ranker, slates, baselines, item embeddings, semantic IDs, student,
     SID mid-training and its evaluation, teacher traces, SFT per trace mode and its evaluation,
     DAPO per RL variant and its evaluation; the run's reranker registered as `challenger` in
@@ -56,26 +57,28 @@ def gr2_pipeline(config: PipelineConfig = DEMO) -> dict[str, str]:
         m["traces"] = traces(config, *slates, tracking)
     scored: dict[str, str] = {}  # trained reranker stage -> its evaluation stage
 
-    def evaluate(model: str, evaluation: str) -> None:
+    def evaluate(model: str, evaluation: str | None = None) -> None:
+        evaluation = evaluation or eval_stage(model)
         m[evaluation] = reranker_eval(config, evaluation, *slates, m[model], tracking)
         scored[model] = evaluation
 
     for mode in modes:
-        m[f"sft_{mode}"] = sft(config, mode, *slates[:3], m["traces"], m["midtrain"], tracking)
-        evaluate(f"sft_{mode}", f"sft_eval_{mode}")
+        m[sft_stage(mode)] = sft(config, mode, *slates[:3], m["traces"], m["midtrain"], tracking)
+        evaluate(sft_stage(mode))
     for variant in config.rl.variants:  # each starts from its SFT model (checked by the config)
-        start = m[f"sft_{config.rl.sft_mode(variant)}"]
-        m[f"rl_{variant}"] = rl(config, variant, *slates, start, tracking)
-        evaluate(f"rl_{variant}", f"rl_eval_{variant}")
+        start = m[sft_stage(config.rl.sft_mode(variant))]
+        m[rl_stage(variant)] = rl(config, variant, *slates, start, tracking)
+        evaluate(rl_stage(variant))
     candidate = config.registry_candidate() if config.registry.enabled else None
     if candidate == "midtrain":  # no SFT in this run: the mid-trained student reranks
-        evaluate("midtrain", "midtrain_rerank_eval")
+        evaluate("midtrain", MIDTRAIN_RERANK_EVAL)
     decision = ""
     if candidate is not None:
         registered = register(config, m[candidate], m[scored[candidate]], *slates, tracking)
         if config.registry.promote:
             decision = promote(config, registered, tracking)
-    return publish(config, tracking, list(m.values())) | {"promotion": decision}
+    result = publish(config, tracking, list(m.values()))  # the manifests, where it is tracked
+    return result.model_copy(update={"promotion": decision})
 
 
 if __name__ == "__main__":

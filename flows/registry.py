@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from data_contracts.config import PipelineConfig, load_profile
 from flows.gr2_pipeline import gr2_pipeline
 from tasks.registry import CHALLENGER, CHAMPION, Registered, alias_version, client_for, promote
+from tasks.report import RunResult
 from tasks.setup import start_tracking
 from tasks.tracking import fail_parent_hook, finish_parent, resolve_uri
 
@@ -71,7 +72,7 @@ def pin_semantic_ids(config: PipelineConfig) -> PipelineConfig:
 
 
 @flow(name="gr2-retrain")
-def gr2_retrain(config: PipelineConfig = DEMO) -> dict:
+def gr2_retrain(config: PipelineConfig = DEMO) -> RunResult:
     """Retraining for a schedule: the pipeline on the current data with the champion's SIDs
     kept, ending with registration and promotion."""
     return gr2_pipeline(pin_semantic_ids(config))

@@ -30,6 +30,14 @@ class InputTable:
     context: str  # "raw", "training", ...
 
 
+@dataclass(frozen=True)
+class Summary:
+    """A small table for the orchestrator's UI (a Prefect table artifact): rows and a caption."""
+
+    rows: list[dict]
+    description: str
+
+
 @dataclass
 class StageOutput:
     """What a stage produced and what its run should show.
@@ -38,7 +46,8 @@ class StageOutput:
     metrics: the stage's summary numbers; scratch: paths in the output folder deleted before it is
     published (checkpoints); texts: run artifact name -> text; tables: run artifact name (`.csv` or
     `.parquet`) -> table; attach: path in the output folder -> run artifact folder ("" = root),
-    for figures, weights and logs; datasets: inputs recorded on the run.
+    for figures, weights and logs; datasets: inputs recorded on the run; summaries: key -> a
+    table shown in the orchestrator's UI (Prefect artifact `gr2-<key>`).
     """
 
     files: dict[str, str]
@@ -48,3 +57,4 @@ class StageOutput:
     tables: dict[str, pl.DataFrame] = field(default_factory=dict)
     attach: dict[str, str] = field(default_factory=dict)
     datasets: list[InputTable] = field(default_factory=list)
+    summaries: dict[str, Summary] = field(default_factory=dict)

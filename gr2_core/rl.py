@@ -603,7 +603,8 @@ LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RLInputs:
-    variant: str  # rejection, targeted or unconditional (the reward ablation)
+    variant: str  # the RL variant's name (data_contracts.rerankers.RL_VARIANTS)
+    conditional: bool  # the conditional reward; False: the unconditional ablation
     start: str  # the SFT stage the policy starts from (for the log)
     model: Path  # that SFT stage's model folder
     items: Path  # the data stage's items
@@ -636,7 +637,7 @@ def run(
     rows = training_rows(slates, cat, prompt, cfg.slates, cfg.seed, cowatch)
     if not rows:
         raise ValueError(f"rl_{variant}: no training slate contains its target")
-    conditional = variant != "unconditional"
+    conditional = inputs.conditional
     log.info(
         "rl_%s: DAPO from %s on %d slates, %d steps x %d groups of %d, %s reward",
         variant,

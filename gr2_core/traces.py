@@ -19,20 +19,33 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from data_contracts.config import PromptConfig, TeacherConfig
+from data_contracts.rerankers import TRACE_MODES
 from gr2_core.catalogue import Catalogue
+from gr2_core.output import Log, StageOutput, Summary
 from gr2_core.prompts import CoWatch, build_messages, check_answer
-from gr2_core.teacher import Teacher, TeacherError, TeacherReply, TeacherRequest
+from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env
+from gr2_core.teacher import (
+    HFTeacher,
+    OpenAITeacher,
+    Retry,
+    Teacher,
+    TeacherError,
+    TeacherReply,
+    TeacherRequest,
+)
 
 log = logging.getLogger(__name__)
 
-MODES = ("targeted", "rejection")
+MODES = TRACE_MODES  # data_contracts.rerankers
 
 
 @dataclass(frozen=True)
@@ -340,3 +353,236 @@ def accepted_traces(
         "attempt": pl.Int64,
     }
     return pl.DataFrame(rows, schema=schema)
+
+
+SERVED_NAME = "gr2-teacher"
+REPO = Path(__file__).resolve().parent.parent  # where `make teacher-env` puts its virtualenv
+
+
+def _model_folder(cfg: TeacherConfig, work: Path) -> str:
+    """A local folder of safetensors weights for the local server or the hf backend."""
+    if cfg.source and Path(cfg.source).is_dir():
+        return str(Path(cfg.source).resolve())
+    out = work / "teacher_model"
+    if not (out / "config.json").exists():
+        from gr2_core.models import export_student  # torch and transformers: only when needed
+
+        export_student(out, cfg.source)  # packaged GGUF (or a hub id) -> safetensors, no SIDs
+    return str(out.resolve())
+
+
+@contextmanager
+def open_teacher(
+    cfg: TeacherConfig, work: Path, api_key: str | None = None, log: Log = log
+) -> Iterator[Teacher]:
+    """The configured teacher; a local vLLM server (no `base_url`) lives as long as the context,
+    its log in `work/teacher_server.log`."""
+    if cfg.backend == "hf":
+        yield HFTeacher(
+            _model_folder(cfg, work),
+            cfg.max_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.hf_batch_size,
+            cfg.num_threads,
+        )
+        return
+
+    def client(url: str, model: str | None) -> OpenAITeacher:
+        teacher = OpenAITeacher(
+            url,
+            model or "",
+            api_key=api_key,
+            concurrency=cfg.concurrency,
+            timeout_s=cfg.timeout_s,
+            retry=Retry(cfg.max_retries, cfg.backoff_s),
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            structured=cfg.structured_output,
+            use_n=cfg.use_n,
+            stepwise=cfg.stepwise,
+            explanation_chars=cfg.explanation_chars,
+        )
+        if not teacher.model:
+            teacher.model = teacher.served_models()[0]
+        return teacher
+
+    if cfg.base_url:
+        log.info("traces: teacher at %s", cfg.base_url)
+        yield client(cfg.base_url, cfg.model)
+        return
+    python = Path(cfg.server_python)
+    if not python.is_absolute():
+        python = REPO / python
+    port = free_port()
+    folder = _model_folder(cfg, work)
+    server = ManagedServer(
+        # the server's own sampling seed pinned (each request also carries its seed)
+        vllm_command(str(python), folder, SERVED_NAME, port, extra=("--seed", str(cfg.seed))),
+        port,
+        work / "teacher_server.log",
+        vllm_env(cfg.server_kv_cache_gib),
+        cfg.server_start_timeout_s,
+    )
+    log.info(
+        "traces: starting vLLM on 127.0.0.1:%d with %s (log %s)", port, folder, server.log_path
+    )
+    with server:
+        log.info("traces: vLLM is up")
+        yield client(server.base_url, SERVED_NAME)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard of one mode's slates and the file its attempts are appended to."""
+
+    mode: str
+    index: int
+    jobs: list[Job]
+    path: Path
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    """What every shard of a stage run shares."""
+
+    cat: Catalogue
+    teacher: Teacher
+    cfg: TeacherConfig
+    prompt: PromptConfig
+    cowatch: CoWatch | None
+
+
+def sample_shard(shard: Shard, ctx: ShardContext, log: Log = log) -> ShardResult:
+    """Sample one shard until every slate is decided (resumes from the shard's file)."""
+
+    def progress(done: int, total: int) -> None:
+        log.info("%s shard %d: %d/%d slates decided", shard.mode, shard.index, done, total)
+
+    result = run_shard(
+        shard.jobs,
+        ctx.cat,
+        ctx.teacher,
+        shard.path,
+        shard.mode,
+        max_attempts=ctx.cfg.max_attempts,
+        samples_per_request=ctx.cfg.samples_per_request,
+        knowledge=ctx.prompt.knowledge,
+        cowatch=ctx.cowatch,
+        seed=ctx.cfg.seed,
+        progress=progress,
+        min_explanation_chars=ctx.cfg.min_explanation_chars,
+    )
+    log.info("%s shard %d: %s", shard.mode, shard.index, result)
+    return result
+
+
+# runs a batch of shards (at most `teacher.parallel_shards`), possibly at once; the results in order
+MapShards = Callable[[list[Shard], ShardContext], list[ShardResult]]
+
+
+def one_by_one(shards: list[Shard], ctx: ShardContext) -> list[ShardResult]:
+    return [sample_shard(s, ctx) for s in shards]
+
+
+@dataclass(frozen=True)
+class TracesInputs:
+    slates: Path  # the candidates stage's slates
+    sequences: Path  # the split stage's sequences (co-watch notes)
+    items: Path  # the data stage's items
+    sid_map: Path  # the semantic-ID stage's SID map
+    prompt: PromptConfig  # the prompt's settings (history length, knowledge, co-watch notes)
+    api_key: str | None = field(default=None, repr=False)  # for a remote teacher; never logged
+
+
+def run(
+    inputs: TracesInputs,
+    cfg: TeacherConfig,
+    out: Path,
+    map_shards: MapShards = one_by_one,
+    log: Log = log,
+) -> StageOutput:
+    """Stage `traces`: teacher traces per mode (every attempt, the accepted traces, the filter's
+    statistics). Shards run through `map_shards`, `cfg.parallel_shards` at a time; their attempt
+    files live in `out`, so an interrupted stage resumes where it stopped."""
+    cat = Catalogue.build(pl.read_parquet(inputs.items), pl.read_parquet(inputs.sid_map))
+    prompt = inputs.prompt
+    jobs = select_jobs(pl.read_parquet(inputs.slates), cfg.slates, prompt.history_items, cfg.seed)
+    cowatch = CoWatch(pl.read_parquet(inputs.sequences)) if prompt.cowatch_notes else None
+    parts = split_shards(jobs, cfg.shards)
+    log.info("traces: %d slates in %d shards, modes %s", len(jobs), len(parts), cfg.modes)
+    result = StageOutput({}, scratch=["teacher_model"])
+    failures = []
+    with open_teacher(cfg, out, inputs.api_key, log) as teacher:
+        ctx = ShardContext(cat, teacher, cfg, prompt, cowatch)
+        for mode in cfg.modes:
+            (out / mode).mkdir(exist_ok=True)
+            shards = [
+                Shard(mode, k, p, out / mode / f"shard-{k:03d}.jsonl") for k, p in enumerate(parts)
+            ]
+            results: list[ShardResult] = []
+            for start in range(0, len(shards), cfg.parallel_shards):
+                results += map_shards(shards[start : start + cfg.parallel_shards], ctx)
+            failures += [
+                f"{mode} shard {k}: {r.failed_requests} failed requests"
+                for k, r in enumerate(results)
+                if r.failed_requests
+            ]
+            _mode_output(mode, [s.path for s in shards], jobs, cat, out, result, log)
+    if failures:
+        raise RuntimeError(
+            "teacher requests failed after retries (" + "; ".join(failures) + "); the "
+            f"attempts so far are kept in {out}, rerun the pipeline to resume"
+        )
+    if (out / "teacher_server.log").exists():
+        result.attach["teacher_server.log"] = ""
+    return result
+
+
+def _mode_output(
+    mode: str,
+    paths: list[Path],
+    jobs: list[Job],
+    cat: Catalogue,
+    out: Path,
+    result: StageOutput,
+    log: Log,
+) -> None:
+    """One mode's attempts and accepted traces written, and its statistics added to `result`."""
+    attempts = attempts_table(paths)
+    stats, per_attempt = filter_stats(attempts, len(jobs))
+    attempts.write_parquet(out / f"{mode}_attempts.parquet")
+    accepted_traces(attempts, jobs, cat).write_parquet(out / f"{mode}_traces.parquet")
+    result.files |= {
+        f"{mode}_attempts": f"{mode}_attempts.parquet",
+        f"{mode}_traces": f"{mode}_traces.parquet",
+        f"{mode}_shards": mode,
+    }
+    result.metrics |= {f"{mode}/{k}": v for k, v in stats.items()}
+    result.tables[f"{mode}_acceptance_per_attempt.csv"] = per_attempt
+    result.tables[f"{mode}_attempts_sample.csv"] = attempts.head(200)
+    reasons = [
+        {"reason": k.split("/", 1)[1], "count": int(v)}
+        for k, v in stats.items()
+        if k.startswith("rejected/")
+    ]
+    total = {
+        "attempt": "all",
+        "attempts": int(stats["attempts"]),
+        "accepted": int(stats["accepted_slates"]),
+        "acceptance_rate": round(stats["slate_acceptance"], 4),
+    }
+    result.summaries[f"traces-{mode}"] = Summary(
+        per_attempt.to_dicts() + [total],
+        f"Teacher acceptance per attempt, {mode} mode; rejection reasons: {reasons}",
+    )
+    log.info(
+        "traces %s: %d/%d slates accepted (%.1f%%), %d attempts, reasons %s",
+        mode,
+        int(stats["accepted_slates"]),
+        len(jobs),
+        100 * stats["slate_acceptance"],
+        attempts.height,
+        reasons,
+    )

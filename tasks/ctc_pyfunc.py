@@ -1,6 +1,6 @@
 """The CTC summarizer as an MLflow pyfunc model (a models-from-code file).
 
-`tasks.ctc.ctc_register` logs this file with the trained summarizer folder as artifact
+`tasks.registry.ctc_register` logs this file with the trained summarizer folder as artifact
 `summarizer` and `gr2_core` as code, so `mlflow.pyfunc.load_model` (or `mlflow models serve`)
 needs only torch and transformers. Input: a DataFrame with column `document` and optional
 `aspect`; params `method` (greedy / beam), `length` (greedy length control, 0 = off), `beam`.

@@ -35,8 +35,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
+import data_contracts
 import gr2_core.rerank_eval as rev
 from data_contracts.config import PipelineConfig
+from data_contracts.ctc import CTCFlowConfig
 from data_contracts.manifest import Manifest
 from gr2_core.promotion import (
     Decision,
@@ -73,9 +75,14 @@ def client_for(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# what the pyfunc imports from this repository: the core and the contracts it reads settings with
+SERVED_PACKAGES = (Path(rev.__file__).parent, Path(data_contracts.__file__).parent)
+
+
 def serving_requirements() -> list[str]:
     """Pins of what the pyfunc imports, from this environment (local version suffixes dropped)."""
     names = ["torch", "transformers", "polars", "pandas", "numpy", "scipy", "pydantic"]
+    names += ["pyyaml", "pandera"]  # data_contracts: the prompt settings and the table schemas
     return [f"{n}=={importlib.metadata.version(n).split('+')[0]}" for n in names]
 
 
@@ -285,7 +292,7 @@ def log_and_register(
                 name=MODEL_NAME,
                 python_model=str(PYFUNC_FILE),
                 artifacts={"reranker": str(bundle)},
-                code_paths=[str(Path(rev.__file__).parent)],
+                code_paths=[str(p) for p in SERVED_PACKAGES],
                 pip_requirements=serving_requirements(),
                 signature=_signature(),
                 input_example=example,
@@ -442,3 +449,71 @@ def rollback(uri: str, name: str) -> tuple[str, str]:
     client.set_model_version_tag(name, current.version, "gr2.rolled_back", stamp)
     client.set_model_version_tag(name, previous.version, "gr2.restored", stamp)
     return str(current.version), str(previous.version)
+
+
+# --- the CTC summarizer ---
+
+CTC_PYFUNC_FILE = Path(__file__).with_name("ctc_pyfunc.py")
+CTC_ARTIFACT = "ctc_summarizer"
+CTC_SERVING_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "numpy>=2,<3", "tqdm>=4.66"]
+
+
+@task(name="ctc_register")
+def ctc_register(config: CTCFlowConfig, model: Manifest, tracking: Tracking) -> str:
+    """Save the trained summarizer as an MLflow pyfunc model, log it to its training run and
+    register it under `config.registered_model`. Idempotent: a version already registered for
+    this training output (tag `gr2.stage_key`) is returned as is. Returns the version number.
+
+    Only `MlflowClient` calls with an explicit URI: no process-wide tracking URI is set, so a
+    pipeline running beside this flow keeps logging where it should."""
+    import tempfile
+
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    import gr2_core
+    from gr2_core.summarization.ctc import Summarizer
+
+    log = get_run_logger()
+    client = MlflowClient(tracking.tracking_uri)
+    name = config.registered_model
+    try:
+        client.create_registered_model(
+            name, description="GR2 CTC summarizer (order-preserving, non-autoregressive)"
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get("gr2.stage_key") == model.key:
+            log.info("ctc_register: %s version %s already holds this model", name, version.version)
+            return str(version.version)
+    summarizer = Summarizer.load(model.path("model"))
+    document = (
+        "We propose a new method for summarizing spoken lectures . Experiments show that it "
+        "keeps the order of the source and improves ROUGE over strong baselines ."
+    )
+    aspect = summarizer.spec.conditions[-1]
+    example = pd.DataFrame({"document": [document], "aspect": [aspect]})
+    output = pd.DataFrame({"summary": summarizer.summarize([document], [aspect])})
+    signature = infer_signature(example, output, {"method": "greedy", "length": 0, "beam": 8})
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / CTC_ARTIFACT
+        mlflow.pyfunc.save_model(
+            path=str(local),
+            python_model=str(CTC_PYFUNC_FILE),
+            artifacts={"summarizer": str(model.path("model"))},
+            code_paths=[str(Path(gr2_core.__file__).parent)],
+            pip_requirements=CTC_SERVING_REQUIREMENTS,
+            signature=signature,
+            input_example=example,
+        )
+        client.log_artifacts(model.mlflow_run_id, str(local), CTC_ARTIFACT)
+    source = f"{client.get_run(model.mlflow_run_id).info.artifact_uri}/{CTC_ARTIFACT}"
+    tags = {"gr2.stage_key": model.key, "gr2.profile": config.profile}
+    version = client.create_model_version(name, source, model.mlflow_run_id, tags=tags)
+    log.info("ctc_register: registered %s version %s from %s", name, version.version, source)
+    return str(version.version)

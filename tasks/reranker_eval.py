@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
+from data_contracts.rerankers import EVAL_STAGES
 from gr2_core import rerank_eval as core
 from gr2_core.report import method_label
 from tasks.inputs import prompt_identity
@@ -26,14 +27,7 @@ EVAL = {
         __name__,
         lambda c: prompt_identity(c) | {"evaluation": c.evaluation.digest()},
     )
-    for name in (
-        "midtrain_rerank_eval",  # the mid-trained student as reranker (no SFT in the run)
-        "sft_eval_targeted",
-        "sft_eval_rejection",
-        "rl_eval_rejection",
-        "rl_eval_targeted",
-        "rl_eval_unconditional",
-    )
+    for name in EVAL_STAGES
 }
 
 

@@ -1,8 +1,9 @@
 """Stages `rl_<variant>`: DAPO on an SFT reranker (evaluated by `tasks.reranker_eval`).
 
-Variants (SPEC section 5): `rejection` (GR2: DAPO from SFT-rejection, conditional reward),
-`targeted` (from SFT-targeted, conditional reward), `unconditional` (the unconditional reward,
-the reward-hacking ablation; from SFT-rejection, or SFT-targeted with `rl.unconditional_start`).
+Variants (SPEC section 5, declared in `data_contracts.rerankers`): `rejection` (GR2: DAPO from
+SFT-rejection, conditional reward), `targeted` (from SFT-targeted, conditional reward),
+`unconditional` (the unconditional reward, the reward-hacking ablation; from SFT-rejection, or
+SFT-targeted with `rl.unconditional_start`).
 The policy sees the student prompt of the SFT stages; training slates are training-split slates
 that contain their target.
 """
@@ -15,14 +16,13 @@ from prefect import get_run_logger, task
 
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
+from data_contracts.rerankers import VARIANTS, rl_stage
 from gr2_core import rl as core
 from tasks.inputs import prompt_identity
 from tasks.stage import Stage
 from tasks.tracking import Tracking, mlflow_env
 
-VARIANTS = ("rejection", "targeted", "unconditional")
-
-RL = {v: Stage(f"rl_{v}", lambda c: c.rl, __name__, prompt_identity) for v in VARIANTS}
+RL = {v: Stage(rl_stage(v), lambda c: c.rl, __name__, prompt_identity) for v in VARIANTS}
 
 
 @task(
@@ -44,6 +44,7 @@ def rl(
     """DAPO with dynamic sampling from an SFT reranker; monitors logged every step."""
     inputs = core.RLInputs(
         variant=variant,
+        conditional=VARIANTS[variant].conditional,
         start=sft_model.stage,
         model=sft_model.path("model"),
         items=data.path("items"),

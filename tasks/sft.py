@@ -12,15 +12,13 @@ from prefect import get_run_logger, task
 
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
+from data_contracts.rerankers import TRACE_MODES, sft_stage
 from gr2_core import sft as core
 from tasks.inputs import prompt_identity
 from tasks.stage import Stage
 from tasks.tracking import Tracking, mlflow_env
 
-SFT = {
-    m: Stage(f"sft_{m}", lambda c: c.sft, __name__, prompt_identity)
-    for m in ("targeted", "rejection")
-}
+SFT = {m: Stage(sft_stage(m), lambda c: c.sft, __name__, prompt_identity) for m in TRACE_MODES}
 
 
 @task(

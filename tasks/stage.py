@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.artifacts import create_table_artifact
 from prefect.context import TaskRunContext
 
 from data_contracts.config import StageConfig
@@ -35,8 +36,8 @@ Body = Callable[[Path, StageRun], StageOutput]
 STAGES: dict[str, Stage] = {}  # every declared stage by name (filled as task modules load)
 
 
-def attach(run: StageRun, work: Path, result: StageOutput) -> None:
-    """Record on the stage's MLflow run what its core function asked to show."""
+def attach(run: StageRun, work: Path, result: StageOutput, profile: str) -> None:
+    """Record on the stage's MLflow run, and in Prefect, what its core function asked to show."""
     for name, text in result.texts.items():
         run.log_text(text, name)
     for name, table in result.tables.items():
@@ -45,6 +46,10 @@ def attach(run: StageRun, work: Path, result: StageOutput) -> None:
         run.log_artifact(work / rel, folder or None)
     for d in result.datasets:
         run.log_dataset(d.table, d.name, d.source, d.context)
+    for key, summary in result.summaries.items():
+        create_table_artifact(
+            summary.rows, key=f"gr2-{key}", description=f"{summary.description} ({profile})"
+        )
 
 
 def require(manifest: Manifest) -> Manifest:
@@ -114,7 +119,7 @@ class Stage:
             result = body(work, run)
             result.metrics["wall_seconds"] = time.perf_counter() - start
             run.log_metrics(result.metrics)
-            attach(run, work, result)
+            attach(run, work, result, config.profile)
             manifest = folder.commit(
                 result.files,
                 self.identity(config),

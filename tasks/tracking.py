@@ -81,6 +81,7 @@ def start_parent(cfg: FlowConfig, flow_name: str, flow_run_id: str | None) -> Tr
         "gr2.profile": cfg.profile,
         "prefect.flow_run_id": flow_run_id or "none",
         "mlflow.source.git.commit": git_commit(),
+        "gr2.host_cpus": str(os.cpu_count()),  # for the timings page
     }
     run = client.create_run(exp_id, run_name=f"{flow_name}-{cfg.profile}", tags=tags)
     log_config(client, run.info.run_id, cfg)

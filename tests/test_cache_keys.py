@@ -12,6 +12,7 @@ import flows.ctc_summarization  # noqa: F401  (declares the CTC stages)
 import flows.gr2_pipeline  # noqa: F401  (declares the pipeline stages)
 from data_contracts.config import load_profile
 from data_contracts.manifest import Manifest
+from data_contracts.rerankers import EVAL_STAGES, RERANKER_STAGES
 from tasks.stage import STAGES
 from tasks.store import PROJECT_PACKAGES, PROJECT_ROOT, code_closure, code_version, stage_key
 
@@ -50,10 +51,9 @@ def _manifest(stage: str, key: str) -> Manifest:
 def test_every_pipeline_stage_is_declared_once():
     expected = {"data", "split", "preranker", "candidates", "baselines", "embeddings"}
     expected |= {"semantic_ids", "student", "midtrain", "midtrain_eval", "traces"}
-    expected |= {"sft_targeted", "sft_rejection", "rl_rejection", "rl_targeted"}
-    expected |= {"rl_unconditional", "sft_eval_targeted", "rl_eval_rejection"}
+    expected |= set(RERANKER_STAGES) | set(EVAL_STAGES)  # declared in data_contracts.rerankers
     expected |= {"ctc_data", "ctc_train", "ctc_eval"}
-    assert expected <= set(STAGES)
+    assert expected == set(STAGES)
 
 
 def test_editing_a_function_a_stage_calls_rekeys_exactly_the_stages_that_can_call_it(project):

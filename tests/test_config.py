@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from data_contracts.config import PROFILES_DIR, PipelineConfig, load_profile
+from data_contracts.config import PROFILES_DIR, PipelineConfig, RLConfig, load_profile
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
@@ -134,3 +134,27 @@ def test_rl_variants_start_from_their_sft_models():
                 "rl.unconditional_start": "targeted",
             },
         )
+
+
+def test_rerankers_are_declared_once_and_the_config_follows_the_declarations():
+    """Trace modes and RL variants come from `data_contracts.rerankers`: the config's allowed
+    values, the default lists, each variant's start, the registry's preference and the report's
+    pairs all derive from the declarations."""
+    from data_contracts import rerankers as r
+
+    schema = PipelineConfig.model_json_schema()["$defs"]
+    variants = schema["RLConfig"]["properties"]["variants"]["items"]["enum"]
+    assert variants == [v.name for v in r.RL_VARIANTS] == RLConfig().variants
+    assert schema["TeacherConfig"]["properties"]["modes"]["items"]["enum"] == list(r.TRACE_MODES)
+    candidates = schema["RegistryConfig"]["properties"]["candidate"]["enum"]
+    assert candidates == ["auto", "midtrain", *r.RERANKER_STAGES]
+    assert r.eval_stage("rl_unconditional") == "rl_eval_unconditional"
+    # the ablation never becomes the run's registered reranker
+    assert r.registry_order() == ["rl_rejection", "rl_targeted", "sft_rejection", "sft_targeted"]
+    cfg = load_profile("ci", {"rl.variants": ["unconditional"], "teacher.modes": ["rejection"]})
+    assert cfg.registry_candidate() == "sft_rejection"
+    # GR2 is compared with the other start; the ablation with the conditional run of its start
+    assert r.compared_variants("rejection", "rejection") == ["targeted"]
+    assert r.compared_variants("unconditional", "rejection") == ["rejection"]
+    assert r.compared_variants("unconditional", "targeted") == ["targeted"]
+    assert [r.VARIANTS[v].conditional for v in variants] == [True, True, False]

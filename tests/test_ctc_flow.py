@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from data_contracts.ctc import load_ctc_profile
 from flows.ctc_summarization import ctc_summarization
 from flows.gr2_pipeline import gr2_pipeline
+from tasks.report import ctc_report
 
 pytestmark = pytest.mark.slow
 CTC_STAGES = ["ctc_data", "ctc_train", "ctc_eval"]
@@ -43,15 +44,16 @@ def test_ctc_flow_runs_beside_the_pipeline_and_registers_a_model(
     assert pipeline_state.is_completed(), pipeline_state.message
     assert ctc_state.is_completed(), ctc_state.message
     result = ctc_state.result()
-    assert result["model_version"] == "1"
+    assert result.model_version == "1"
+    text = ctc_report(result)
     for system in ("ctc-greedy", "ctc-beam2", "lead-", "llm-zero-shot"):
-        assert f"| {system}" in result["report"]
-    assert "| clean |" in result["report"] and "| asr-noise-0.2 |" in result["report"]
+        assert f"| {system}" in text
+    assert "| clean |" in text and "| asr-noise-0.2 |" in text
 
     client = MlflowClient(ctc_ci.tracking.tracking_uri)
     exp = client.get_experiment_by_name("gr2-ctc")
     children = client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'"
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'"
     )
     by_stage = {c.data.tags["gr2.stage"]: c for c in children}
     assert sorted(by_stage) == sorted(CTC_STAGES)
@@ -91,7 +93,7 @@ def test_ctc_flow_runs_beside_the_pipeline_and_registers_a_model(
 
     # again: every stage cached, registration idempotent
     state2 = ctc_summarization(ctc_ci, return_state=True)
-    assert state2.is_completed() and state2.result()["model_version"] == "1"
+    assert state2.is_completed() and state2.result().model_version == "1"
     assert len(client.search_model_versions("name = 'gr2-ctc-summarizer'")) == 1
 
 
@@ -127,6 +129,6 @@ def test_ctc_bad_records_fail_cleanly_then_recover(prefect_harness, ctc_ci, tmp_
     )
     state = ctc_summarization(changed, return_state=True)
     assert state.is_completed()
-    assert "asr-noise-0.3" in state.result()["report"]
+    assert "asr-noise-0.3" in ctc_report(state.result())
     train_dirs = [p for p in (Path(config.artifacts_root) / "ctc_train").iterdir()]
     assert len(train_dirs) == 1

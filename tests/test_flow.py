@@ -12,13 +12,20 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from data_contracts.config import PipelineConfig
+from data_contracts.rerankers import eval_stage, rl_stage, sft_stage
+from flows.cli import main as cli
 from flows.gr2_pipeline import gr2_pipeline
+from tasks import report
 from tests.conftest import write_csv
 
 pytestmark = pytest.mark.slow
 STAGES = ["data", "split", "preranker", "candidates", "baselines", "embeddings", "semantic_ids"]
 STAGES += ["student", "midtrain", "midtrain_eval"]
-TEACHER_STAGES = ["traces", "sft_targeted", "sft_eval_targeted", "rl_targeted", "rl_eval_targeted"]
+# with teacher.modes [targeted] and rl.variants [targeted]: SFT and DAPO with their evaluations
+TEACHER_STAGES = ["traces"]
+TEACHER_STAGES += [
+    s for r in (sft_stage("targeted"), rl_stage("targeted")) for s in (r, eval_stage(r))
+]
 
 
 def _run(config: PipelineConfig):
@@ -50,8 +57,10 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     assert state.is_completed(), state.message
     assert {states[s] for s in STAGES + TEACHER_STAGES} == {"Completed"}
     assert {states["targeted-shard"]} == {"Completed"}
-    result = state.result()
-    assert "| preranker |" in result["report"]
+    result = state.result()  # the stages' manifests, in flow order, and the MLflow run
+    assert list(result.stages) == STAGES + TEACHER_STAGES
+    tables = report.pipeline_report(ci_config, result)
+    assert "| preranker |" in tables.baselines
 
     # every stage folder is complete: manifest present, files hashed
     root = Path(ci_config.artifacts_root)
@@ -62,7 +71,7 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     # MLflow: parent run tagged with the flow run, one FINISHED child per stage
     client = MlflowClient(ci_config.tracking.tracking_uri)
     exp = client.get_experiment_by_name("gr2-reranker")
-    parent = client.get_run(result["mlflow_run_id"])
+    parent = client.get_run(result.mlflow_run_id)
     assert parent.data.tags["prefect.flow_run_id"] == flow_run_id
     assert parent.info.status == "FINISHED"
     children = client.search_runs(
@@ -109,7 +118,7 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     sft_eval = by_stage["sft_eval_targeted"].data.metrics
     assert 0 <= sft_eval["sft_eval_targeted/test/sft-targeted.invalid_rate"] <= 1
     assert sft_eval["sft_eval_targeted/test/preranker.identity_rate"] == 1
-    assert "| sft-targeted |" in result["reranker_report"]
+    assert "| sft-targeted |" in tables.rerankers
     # DAPO: TRL's metrics and our monitors reached the stage run; rollouts and curves logged
     rl_run = by_stage["rl_targeted"]
     rollout_batches = ci_config.rl.max_steps // ci_config.rl.steps_per_rollout
@@ -136,11 +145,44 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     assert version.run_id == by_stage["register"].info.run_id
     assert version.tags["gr2.promotion.decision"] in ("promoted", "refused")
 
+    # the report writer: docs sections and wall times from the finished run's manifests
+    docs = root.parent / "docs"
+    docs.mkdir()
+    cmd = "gr2 run --profile ci"
+    written = report.write_docs(
+        ci_config, result, tables, cmd, str(docs / "results.md"), rl_doc=str(docs / "rl.md")
+    )
+    assert len(written) == 3
+    results_md = (docs / "results.md").read_text()
+    assert "## Baselines, ml-100k (profile ci)" in results_md and cmd in results_md
+    assert "| sft-targeted |" in results_md and "timings.md" in results_md
+    assert (docs / "img" / "rl_ml-100k_ci.png").exists()
+    report.write_timings(result, cmd, path=str(docs / "timings.md"))
+    timings = (docs / "timings.md").read_text()
+    assert "## gr2-pipeline, profile ci" in timings
+    assert "| preranker |" in timings and "reused" not in timings  # all computed by this run
+    # ... and the same, read back from MLflow alone (`gr2 report`)
+    again, logged = report.read_run(result.tracking_uri, result.mlflow_run_id)
+    assert again.stages == result.stages and logged["profile"] == ci_config.profile
+    rewritten = docs / "again.md"
+    assert (
+        cli(
+            ["report", "--profile", "ci", "--run-id", result.mlflow_run_id]
+            + ["--tracking-uri", result.tracking_uri, "--doc", str(rewritten)]
+        )
+        == 0
+    )
+    assert rewritten.read_text() == results_md  # the same sections, without rerunning
+
     # same config again: every stage is a cache hit (no server is started)
     state2, _, states2 = _run(ci_config)
     assert state2.is_completed()
     assert {states2[s] for s in STAGES + TEACHER_STAGES} == {"Cached"}, states2
     assert len(registry.search_model_versions("name = 'gr2-reranker'")) == 1, "registered once"
+    report.write_timings(state2.result(), cmd, path=str(docs / "timings.md"))
+    timings = (docs / "timings.md").read_text()
+    assert timings.count("## gr2-pipeline, profile ci") == 1  # the section is replaced
+    assert "(0 of " in timings and "| traces |" in timings and "reused from the cache" in timings
 
     # only the pre-ranker changes: data and split stay cached, the rest re-runs (no teacher)
     changed = ci_config.model_copy(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -193,6 +194,12 @@ def test_promotion_rescores_a_champion_from_another_set_and_rolls_back(bundle, t
     v1 = log_and_register(uri, run1, "m", bundle, rows_a, results_a, {"gr2.variant": "a"})
     decision, _ = promote_version(uri, "m", v1.version, gate, LOG)
     assert decision.promote
+    # the logged model carries the code it imports (the core and the contracts) and their pins
+    import mlflow
+
+    logged = Path(mlflow.artifacts.download_artifacts(v1.source, tracking_uri=uri))
+    assert {"gr2_core", "data_contracts"} <= {p.name for p in (logged / "code").iterdir()}
+    assert "pandera==" in (logged / "requirements.txt").read_text()
     assert client.get_model_version_by_alias("m", CHAMPION).version == v1.version
 
     # version 2 was scored on other slates: the champion is re-scored on them (its pyfunc),

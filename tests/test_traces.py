@@ -150,6 +150,82 @@ def test_run_shard_rejects_short_explanations_with_their_own_reason(tmp_path):
     assert [a.reason for a in tr.read_attempts(path)] == ["accepted"]
 
 
+def test_stage_run_samples_every_mode_in_shards_and_resumes_from_its_files(
+    tiny, catalogue_jobs, tmp_path
+):
+    """The stage's core function on the hf backend (a tiny model): per-mode attempt files in
+    shards handed out `parallel_shards` at a time, tables, summaries, and a rerun that finds
+    every slate decided."""
+    from data_contracts.config import DataConfig, PromptConfig, TeacherConfig
+    from gr2_core.data import read_items, resolve_sources
+
+    cat, _ = catalogue_jobs
+    (tmp_path / "in").mkdir()
+    src = resolve_sources(DataConfig(dataset="ml-100k"))
+    items = read_items(src.items, src.category_sep, src.lenient_year).head(60)
+    items.write_parquet(tmp_path / "in" / "items.parquet")
+    ids = items["item_id"].to_list()
+    sid_map = pl.DataFrame({"item_id": ids, "sid": [cat.sid[i] for i in ids]})
+    sid_map.write_parquet(tmp_path / "in" / "sid_map.parquet")
+    slates = pl.DataFrame(
+        [
+            {
+                "user_id": f"u{u}",
+                "position": 6,
+                "split": "train",
+                "history": ids[u : u + 4],
+                "target": ids[20 + u],
+                "candidates": [ids[30 + u], ids[20 + u], ids[35]],
+                "scores": [0.9, 0.5, 0.1],
+                "target_rank": 2,
+            }
+            for u in range(4)
+        ]
+    )
+    slates.write_parquet(tmp_path / "in" / "slates.parquet")
+    _sequences({f"u{u}": ids[u : u + 8] for u in range(4)}).write_parquet(
+        tmp_path / "in" / "sequences.parquet"
+    )
+    inputs = tr.TracesInputs(
+        *(tmp_path / "in" / f"{n}.parquet" for n in ("slates", "sequences", "items", "sid_map")),
+        prompt=PromptConfig(history_items=3, cowatch_notes=True),
+    )
+    cfg = TeacherConfig(
+        backend="hf",
+        source=str(tiny),
+        slates=3,
+        shards=3,
+        parallel_shards=2,
+        max_attempts=1,
+        samples_per_request=1,
+        max_tokens=16,
+    )
+    batches: list[list[tuple[str, int]]] = []
+
+    def map_shards(shards, ctx):
+        batches.append([(s.mode, s.index) for s in shards])
+        return tr.one_by_one(shards, ctx)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = tr.run(inputs, cfg, out, map_shards)
+    modes = list(cfg.modes)
+    assert batches == [b for m in modes for b in ([(m, 0), (m, 1)], [(m, 2)])]
+    for mode in modes:
+        attempts = pl.read_parquet(out / result.files[f"{mode}_attempts"])
+        assert attempts.height == 3 and set(attempts["mode"]) == {mode}
+        assert result.metrics[f"{mode}/attempts"] == 3
+        assert len(list((out / mode).glob("shard-*.jsonl"))) == 3
+        summary = result.summaries[f"traces-{mode}"]
+        assert summary.rows[-1]["attempts"] == 3 and mode in summary.description
+        assert f"{mode}_acceptance_per_attempt.csv" in result.tables
+        traces = pl.read_parquet(out / result.files[f"{mode}_traces"])
+        assert traces.height == result.metrics[f"{mode}/accepted_slates"]
+    assert not (out / "teacher_model").exists()  # a local folder is used as is
+    again = tr.run(inputs, cfg, out, map_shards)  # every slate decided: no new attempt
+    assert again.metrics == result.metrics
+
+
 @pytest.fixture(scope="module")
 def teacher_model(tmp_path_factory) -> Path:
     return export_student(tmp_path_factory.mktemp("teacher") / "model")

@@ -29,8 +29,9 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,8 +39,17 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from gr2_core.summarization.data import SummaryDataError, SummaryPair, truncate_words
+from gr2_core.summarization.data import (
+    SummaryDataError,
+    SummaryPair,
+    read_pairs,
+    truncate_words,
+)
 from gr2_core.summarization.decode import greedy, prefix_beam_search, select_positions
+
+if TYPE_CHECKING:  # the stage function's types; a served model imports none of them
+    from data_contracts.ctc import CTCModelConfig
+    from gr2_core.output import Log, OnMetrics, StageOutput
 
 BLANK = 0  # output label 0 is the blank; token id i is label i + 1
 
@@ -663,3 +673,58 @@ def train_summarizer(
     valid_rows, _ = rows(valid_pairs, "encode valid")
     model, history = fit(spec, codec, train_rows, valid_rows, emb, opts, work / "ckpt", on_epoch)
     return Summarizer(model, codec, encoder), history
+
+
+def from_config(cls, cfg, **extra):
+    """An options dataclass filled from the same-named fields of a config section."""
+    names = {f.name for f in fields(cls)} & set(type(cfg).model_fields) - set(extra)
+    return cls(**{n: getattr(cfg, n) for n in names}, **extra)
+
+
+@dataclass(frozen=True)
+class CTCTrainInputs:
+    pairs: Path  # the ctc_data stage's pairs
+    max_source_words: int  # documents are cut to this many words (data.max_source_words)
+
+
+def run(
+    inputs: CTCTrainInputs,
+    cfg: CTCModelConfig,
+    out: Path,
+    on_metrics: OnMetrics | None = None,
+    log: Log | None = None,
+) -> StageOutput:
+    """Stage `ctc_train`: fit the CTC summarizer on the training pairs, early-stopped on the
+    validation loss; resumes from the last finished epoch (checkpoints in `out/ckpt`)."""
+    import polars as pl
+
+    from gr2_core.output import StageOutput
+    from gr2_core.plots import ctc_curves
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        if on_metrics:
+            on_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        if log:
+            log.info("ctc_train epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+
+    spec = from_config(CTCSpec, cfg, max_source_words=inputs.max_source_words)
+    summarizer, history = train_summarizer(
+        read_pairs(inputs.pairs, "train"),
+        read_pairs(inputs.pairs, "valid"),
+        spec,
+        from_config(TrainOptions, cfg),
+        out,
+        on_epoch,
+    )
+    summarizer.save(out / "model")
+    pl.DataFrame(history).write_parquet(out / "history.parquet")
+    ctc_curves(history, out / "curves.png")
+    best = min(history, key=lambda r: r["valid_loss"]) if history else {}
+    metrics = {
+        "best_valid_loss": best.get("valid_loss", float("nan")),
+        "best_epoch": best.get("epoch", 0),
+        "epochs_run": len(history),
+        "output_vocabulary": len(summarizer.spec.summary_labels),
+    }
+    files = {"model": "model", "history": "history.parquet", "curves": "curves.png"}
+    return StageOutput(files, metrics, scratch=["ckpt"], attach={"curves.png": ""})

@@ -20,6 +20,11 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the stage function's types; a served model imports none of them
+    from data_contracts.ctc import SummaryDataConfig
+    from gr2_core.output import Log, StageOutput
 
 ASPECTS = ("challenge", "approach", "outcome")
 SECTIONS = ("abstract", "introduction", "conclusion")
@@ -199,3 +204,58 @@ def asr_noise(text: str, rate: float, seed: int, vocabulary: list[str] | None = 
         if u < rate:
             out.append(rng.choice(pool))  # insertion
     return " ".join(out) if out else words[0]
+
+
+def cap_pairs(pairs: list[SummaryPair], n: int | None, seed: int) -> list[SummaryPair]:
+    """At most n pairs, whole documents first (a seeded choice of documents)."""
+    if n is None or len(pairs) <= n:
+        return pairs
+    docs = list(dict.fromkeys(p.doc_id for p in pairs))
+    random.Random(seed).shuffle(docs)
+    rank = {d: i for i, d in enumerate(docs)}
+    return sorted(pairs, key=lambda p: (rank[p.doc_id], p.id))[:n]
+
+
+def read_pairs(path: Path, split: str) -> list[SummaryPair]:
+    """The pairs of one split from the `ctc_data` stage's table."""
+    import polars as pl
+
+    df = pl.read_parquet(path).filter(pl.col("split") == split)
+    return [SummaryPair(**row) for row in df.iter_rows(named=True)]
+
+
+def run(cfg: SummaryDataConfig, out: Path, log: Log | None = None) -> StageOutput:
+    """Stage `ctc_data`: read and check the (document, summary) pairs of every split, capped as
+    configured, into `pairs.parquet`."""
+    import polars as pl
+
+    from data_contracts.summaries import SUMMARY_PAIRS
+    from data_contracts.tables import validate
+    from gr2_core.output import InputTable, StageOutput
+
+    if cfg.source == "jsonl":
+        pairs = load_jsonl(cfg.jsonl_path, None, cfg.document_field, cfg.summary_field)
+        source = str(cfg.jsonl_path)
+    else:
+        pairs = [p for s in SPLITS for p in load_aclsum(s, cfg.aclsum_variant)]
+        source = f"aclsum ({cfg.aclsum_variant})"
+    by_split = {s: [p for p in pairs if p.split == s] for s in SPLITS}
+    by_split["train"] = cap_pairs(by_split["train"], cfg.max_train_pairs, cfg.seed)
+    for s in ("valid", "test"):
+        by_split[s] = cap_pairs(by_split[s], cfg.max_eval_pairs, cfg.seed)
+    missing = [s for s in ("train", "test") if not by_split[s]]
+    if missing:
+        raise ValueError(f"{source}: no {' or '.join(missing)} pairs (record field 'split')")
+    rows = [p.to_dict() for s in SPLITS for p in by_split[s]]
+    df = validate(SUMMARY_PAIRS, pl.DataFrame(rows), f"{source} (pairs)")
+    df.write_parquet(out / "pairs.parquet")
+    metrics = {f"pairs_{s}": float(len(v)) for s, v in by_split.items()}
+    words = df.select(
+        pl.col("document").str.split(" ").list.len().mean().alias("document_words"),
+        pl.col("summary").str.split(" ").list.len().mean().alias("summary_words"),
+    )
+    metrics |= {k: float(v) for k, v in words.row(0, named=True).items()}
+    if log:
+        log.info("ctc_data: %s", metrics)
+    dataset = InputTable(df, f"summaries-{cfg.source}", source, "training")
+    return StageOutput({"pairs": "pairs.parquet"}, metrics, datasets=[dataset])

@@ -10,19 +10,23 @@ all of them, so they are not independent; a resample draws whole documents with 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
 from gr2_core.metrics import bootstrap_ci
+from gr2_core.output import Log, StageOutput
 from gr2_core.summarization.baselines import lead_n, lead_words, timed, truncated
-from gr2_core.summarization.ctc import DecodeOptions, Summarizer
-from gr2_core.summarization.data import SummaryPair, asr_noise
+from gr2_core.summarization.ctc import DecodeOptions, Summarizer, from_config
+from gr2_core.summarization.data import SummaryPair, asr_noise, cap_pairs, read_pairs
 from gr2_core.summarization.metrics import order_score, rouge_scores
+
+if TYPE_CHECKING:
+    from data_contracts.ctc import CTCEvalConfig
 
 System = Callable[[str, str], str]
 SCORES = ("rouge1", "rouge2", "rougeL", "order")
@@ -155,12 +159,6 @@ def paired_differences(
     return pl.DataFrame(rows)
 
 
-def from_config(cls, cfg, **extra):
-    """An options dataclass filled from the same-named fields of a config section."""
-    names = {f.name for f in dataclasses.fields(cls)} & set(type(cfg).model_fields) - set(extra)
-    return cls(**{n: getattr(cfg, n) for n in names}, **extra)
-
-
 def ctc_system(summarizer: Summarizer, opts: DecodeOptions, encoded: dict | None = None) -> System:
     """(document, aspect) -> summary. Without `encoded` the encoder runs inside the call, so its
     time counts in the latency; with it (tuning on valid), documents encoded beforehand."""
@@ -276,3 +274,75 @@ def score_conditions(
         if on_condition:
             on_condition(name)
     return pl.concat(frames)
+
+
+def conditions(rates: Sequence[float]) -> dict[str, float]:
+    """Test condition names for simulated ASR noise rates (0 is `clean`)."""
+    return {("clean" if r == 0 else f"asr-noise-{r:g}"): r for r in rates}
+
+
+@dataclass(frozen=True)
+class CTCEvalInputs:
+    pairs: Path  # the ctc_data stage's pairs
+    model: Path  # the ctc_train stage's model folder
+    max_source_words: int  # every system reads the documents cut to this many words
+    seed: int  # ASR noise, the LLM's pair sample and the bootstrap
+
+
+def run(inputs: CTCEvalInputs, cfg: CTCEvalConfig, out: Path, log: Log) -> StageOutput:
+    """Stage `ctc_eval`: CTC (greedy, length-controlled greedy, beam), Lead-N and the zero-shot
+    LLM on the test split, clean and with simulated ASR noise; decoding settings picked on valid;
+    intervals clustered by document."""
+    from data_contracts.summaries import SUMMARY_SCORES
+    from data_contracts.tables import validate
+    from gr2_core.plots import summarizer_bars
+    from gr2_core.report import to_markdown
+    from gr2_core.summarization.baselines import LLMSummarizer
+
+    test, train = read_pairs(inputs.pairs, "test"), read_pairs(inputs.pairs, "train")
+    summarizer = Summarizer.load(inputs.model)
+    words = inputs.max_source_words
+    tuned = tune(summarizer, read_pairs(inputs.pairs, "valid"), train, cfg, words)
+    log.info("ctc_eval: picked on valid by ROUGE-L: %s", tuned)
+    llm = LLMSummarizer(cfg.llm_source, cfg.llm_max_new_tokens, cfg.num_threads)
+    frames = score_conditions(
+        summarizer,
+        llm,
+        test,
+        cap_pairs(test, cfg.llm_max_pairs, inputs.seed),
+        tuned,
+        cfg,
+        words,
+        inputs.seed,
+        conditions(cfg.noise_rates),
+        lambda name: log.info("ctc_eval: condition %s scored", name),
+    )
+    scores = validate(SUMMARY_SCORES, frames, "ctc_eval scores")
+    table = summary_table(scores, cfg.bootstrap_samples, inputs.seed)
+    scores.write_parquet(out / "scores.parquet")
+    table.write_parquet(out / "table.parquet")
+    lead = f"lead-{tuned.lead_words}"
+    differences = paired_differences(scores, lead, "rougeL", cfg.bootstrap_samples, inputs.seed)
+    differences.write_parquet(out / "differences.parquet")
+    report = (
+        to_markdown(to_markdown_rows(table))
+        + f"\n\nROUGE-L minus {lead} on the same test pairs, mean [95% paired bootstrap CI, "
+        + "clustered by document]:\n\n"
+        + to_markdown(differences)
+    )
+    (out / "report.md").write_text(report + "\n")
+    summarizer_bars(table, out / "results.png")
+    metrics = tuned.metrics()
+    for row in table.iter_rows(named=True):
+        for k in ("rouge1", "rouge2", "rougeL", "order", "summaries_per_s", "latency_ms"):
+            metrics[f"{row['condition']}/{row['system']}/{k}"] = row[k]
+    files = {
+        "scores": "scores.parquet",
+        "table": "table.parquet",
+        "differences": "differences.parquet",
+        "report": "report.md",
+        "plot": "results.png",
+    }
+    return StageOutput(
+        files, metrics, tables={"scores.parquet": scores}, attach={"results.png": ""}
+    )
