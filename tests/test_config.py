@@ -158,3 +158,44 @@ def test_rerankers_are_declared_once_and_the_config_follows_the_declarations():
     assert r.compared_variants("unconditional", "rejection") == ["rejection"]
     assert r.compared_variants("unconditional", "targeted") == ["targeted"]
     assert [r.VARIANTS[v].conditional for v in variants] == [True, True, False]
+
+
+def test_a_new_rl_variant_is_one_declaration(tmp_path):
+    """Add an RL variant to a copy of the project by one `RLVariant(...)` line: the config
+    accepts it, the pipeline declares its training and evaluation stages, the report pairs it
+    with its twin and the flow has its lines, with nothing else edited."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tasks.store import PROJECT_PACKAGES, PROJECT_ROOT
+
+    for package in (*PROJECT_PACKAGES, "flows", "infra/configs"):
+        shutil.copytree(
+            PROJECT_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    declarations = tmp_path / "data_contracts" / "rerankers.py"
+    source = declarations.read_text()
+    anchor = "RL_VARIANTS: tuple[RLVariant, ...] = (\n"
+    line = (
+        '    RLVariant("unconditional_targeted", False, "targeted", compare_with=(TWIN,), '
+        "registrable=False),\n"
+    )
+    declarations.write_text(source.replace(anchor, anchor + line))
+    check = """
+import inspect
+from data_contracts.config import load_profile
+from data_contracts.rerankers import compared_variants
+import flows.gr2_pipeline as flow
+from tasks.stage import STAGES
+cfg = load_profile("ci", {"rl.variants": ["unconditional_targeted"], "teacher.modes": ["targeted"]})
+assert cfg.rl.sft_mode("unconditional_targeted") == "targeted"
+assert {"rl_unconditional_targeted", "rl_eval_unconditional_targeted"} <= set(STAGES)
+assert compared_variants("unconditional_targeted", "rejection") == ["targeted"]
+assert cfg.registry_candidate() == "sft_targeted"  # an ablation is never registered
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
