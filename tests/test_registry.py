@@ -195,9 +195,11 @@ def test_promotion_rescores_a_champion_from_another_set_and_rolls_back(bundle, t
     decision, _ = promote_version(uri, "m", v1.version, gate, LOG)
     assert decision.promote
     # the logged model carries the code it imports (the core and the contracts) and their pins
+    # (read through this test's client: a `models:/` URI would resolve through the global one)
     import mlflow
 
-    logged = Path(mlflow.artifacts.download_artifacts(v1.source, tracking_uri=uri))
+    location = client.get_logged_model(v1.source.removeprefix("models:/")).artifact_location
+    logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=location))
     assert {"gr2_core", "data_contracts"} <= {p.name for p in (logged / "code").iterdir()}
     assert "pandera==" in (logged / "requirements.txt").read_text()
     assert client.get_model_version_by_alias("m", CHAMPION).version == v1.version
