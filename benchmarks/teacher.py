@@ -84,8 +84,9 @@ async def _openai_batch(teacher: OpenAITeacher, requests: list[TeacherRequest], 
 
 
 def throughput(args, cat, slates, sequences, model_dir: Path, logs: Path) -> list[dict]:
-    cfg = load_profile("demo").teacher
-    jobs = tr.select_jobs(slates, 32, cfg.history_items, 1)
+    profile = load_profile("demo")
+    cfg = profile.teacher
+    jobs = tr.select_jobs(slates, 32, profile.prompt.history_items, 1)
     cowatch = tr.CoWatch(sequences)
     msgs = [tr.job_messages(j, cat, "rejection", True, cowatch) for j in jobs]
     rows = []
@@ -170,8 +171,9 @@ def throughput(args, cat, slates, sequences, model_dir: Path, logs: Path) -> lis
 
 
 def acceptance(args, cat, slates, sequences, model_dir: Path, logs: Path) -> list[dict]:
-    cfg = load_profile("demo").teacher
-    jobs = tr.select_jobs(slates, args.slates, cfg.history_items, 2)
+    profile = load_profile("demo")
+    cfg = profile.teacher
+    jobs = tr.select_jobs(slates, args.slates, profile.prompt.history_items, 2)
     cowatch = tr.CoWatch(sequences)
     port = free_port()
     rows = []

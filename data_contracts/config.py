@@ -284,6 +284,10 @@ class PromptConfig(StageConfig):
     cowatch_notes: bool = Field(True, description="Per-candidate co-watching counts in the KP.")
 
 
+# settings that moved from `teacher` to `prompt` (issue 19)
+PROMPT_MOVED = ("history_items", "knowledge", "cowatch_notes")
+
+
 class TeacherConfig(StageConfig):
     """Teacher reasoning traces (SPEC section 4): backend, sampling, the rejection filter."""
 
@@ -292,7 +296,7 @@ class TeacherConfig(StageConfig):
     def _moved_settings(cls, data: object) -> object:
         if not isinstance(data, dict):
             return data
-        moved = sorted({"history_items", "knowledge", "cowatch_notes"} & set(data))
+        moved = sorted(set(PROMPT_MOVED) & set(data))
         if moved:
             raise ValueError(
                 f"teacher.{moved[0]} moved to prompt.{moved[0]} (the prompt section is shared "
@@ -442,9 +446,9 @@ class RLConfig(StageConfig):
 
     variants: list[VariantName] = Field(
         default_factory=lambda: [v.name for v in RL_VARIANTS],
-        description="RL runs: on SFT-rejection (GR2), on SFT-targeted, and with the "
-        "unconditional reward (the reward-hacking ablation, from `unconditional_start`). "
-        "Empty: no RL.",
+        description="RL runs, one per declared variant: "
+        + "; ".join(f"{v.name}: {v.summary}" for v in RL_VARIANTS)
+        + " (from `unconditional_start` when it has no start of its own). Empty: no RL.",
     )
     unconditional_start: TraceMode = Field(
         "rejection",
@@ -581,9 +585,9 @@ class RegistryConfig(StageConfig):
     model_name: str = Field("gr2-reranker", description="Registered model name.")
     candidate: CandidateName = Field(
         "auto",
-        description="Which trained model of the run to register; auto: the most trained of "
-        "rl_rejection, rl_targeted, sft_rejection, sft_targeted, midtrain (never the "
-        "unconditional-reward ablation).",
+        description="Which trained model of the run to register; auto: the first trained of "
+        + ", ".join(registry_order())
+        + ", else midtrain (never an ablation variant).",
     )
     promote: bool = Field(True, description="Run the promotion task after registration.")
     max_invalid_rate: float = Field(
@@ -631,6 +635,20 @@ class TrackingConfig(StageConfig):
         None, description="MLflow tracking URI; default sqlite:///<artifacts_root>/mlflow.db."
     )
     experiment: str = "gr2-reranker"
+
+
+def upgrade_logged(raw: dict) -> dict:
+    """A config that an older GR2 logged with its run (`config.json`) in today's layout, for
+    reading old runs back: the prompt settings move from `teacher` to `prompt` and the removed
+    `data.prompt_history` is dropped. A new config with these keys is still refused."""
+    raw = json.loads(json.dumps(raw))
+    teacher, data = raw.get("teacher") or {}, raw.get("data") or {}
+    prompt = raw.setdefault("prompt", {})
+    for key in PROMPT_MOVED:
+        if key in teacher:
+            prompt.setdefault(key, teacher.pop(key))
+    data.pop("prompt_history", None)
+    return raw
 
 
 class PipelineConfig(StageConfig):

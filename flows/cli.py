@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -49,20 +50,21 @@ def _command(args: argparse.Namespace, command: str) -> str:
     return " ".join(out)
 
 
-def _variant(args: argparse.Namespace) -> str:
-    """A run with --set overrides gets doc sections of its own."""
-    return "".join(f", {s}" for s in args.set)
+def _variant(command: str) -> str:
+    """A run with --set overrides gets doc sections of its own (read from the run's command, so
+    that `gr2 report` on such a run writes the sections the run would have)."""
+    return "".join(f", {s}" for s in re.findall(r"--set (\S+)", command))
 
 
 def _report(args: argparse.Namespace, config, result, command: str) -> None:
     """Print the run's tables and write the docs sections asked for."""
     from tasks import report
 
-    written = []
+    written, variant = [], _variant(command)
     if result.flow == "ctc-summarization":
         text = report.ctc_report(result)
         if args.doc:
-            written.append(report.write_ctc_doc(config, result, command, args.doc, _variant(args)))
+            written.append(report.write_ctc_doc(config, result, command, args.doc, variant))
     else:
         tables = report.pipeline_report(config, result)
         text = report.pipeline_console(tables)
@@ -77,7 +79,7 @@ def _report(args: argparse.Namespace, config, result, command: str) -> None:
             args.rl_doc,
         )
     if args.timings_doc:
-        written.append(report.write_timings(result, command, _variant(args), args.timings_doc))
+        written.append(report.write_timings(result, command, variant, args.timings_doc))
     print(report.console(result, text))
     for section in written:
         print(f"Wrote section {section}")
@@ -113,7 +115,7 @@ def cmd_ctc(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """The tables and docs sections of a finished run, read back from MLflow and its manifests
     (no stage runs): `--run-id`, or the newest finished run of `--profile`."""
-    from data_contracts.config import PipelineConfig, load_profile
+    from data_contracts.config import PipelineConfig, load_profile, upgrade_logged
     from data_contracts.ctc import CTCFlowConfig, load_ctc_profile
     from tasks.report import COMMAND_TAG, latest_run, read_run
     from tasks.tracking import resolve_uri
@@ -123,7 +125,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or resolve_uri(config)
     run_id = args.run_id or latest_run(uri, config.tracking.experiment, config.profile)
     result, logged = read_run(uri, run_id)
-    config = (CTCFlowConfig if result.flow == "ctc-summarization" else PipelineConfig)(**logged)
+    if result.flow == "ctc-summarization":
+        config = CTCFlowConfig(**logged)
+    else:
+        config = PipelineConfig(**upgrade_logged(logged))
     from mlflow.tracking import MlflowClient
 
     command = MlflowClient(uri).get_run(run_id).data.tags.get(COMMAND_TAG)

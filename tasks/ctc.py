@@ -28,9 +28,9 @@ def _fingerprint(config: CTCFlowConfig) -> dict[str, str]:
     return {s: sha256_file(aclsum_dir() / f"{s}.jsonl") for s in ("train", "val", "test")}
 
 
-DATA = Stage("ctc_data", lambda c: c.data, __name__, _fingerprint)
-TRAIN = Stage("ctc_train", lambda c: c.ctc, __name__)
-EVAL = Stage("ctc_eval", lambda c: c.evaluation, __name__)
+DATA = Stage("ctc_data", lambda c: c.data, __name__, _fingerprint, core=data.__name__)
+TRAIN = Stage("ctc_train", lambda c: c.ctc, __name__, core=ctc.__name__)
+EVAL = Stage("ctc_eval", lambda c: c.evaluation, __name__, core=evaluate.__name__)
 
 
 @task(name="ctc_data", cache_key_fn=DATA.cache_key_fn, persist_result=True)

@@ -27,13 +27,14 @@ def _source_fingerprint(config: PipelineConfig) -> dict[str, str]:
     return {"hub_id": src}
 
 
-STUDENT = Stage("student", lambda c: c.student, __name__, _source_fingerprint)
-MIDTRAIN = Stage("midtrain", lambda c: c.midtrain, __name__)
+STUDENT = Stage("student", lambda c: c.student, __name__, _source_fingerprint, core=models.__name__)
+MIDTRAIN = Stage("midtrain", lambda c: c.midtrain, __name__, core=mt.__name__)
 EVAL = Stage(
     "midtrain_eval",
     lambda c: c.midtrain,
     __name__,
     lambda c: {"evaluation": c.evaluation.digest()},
+    core=sid_eval.__name__,
 )
 
 

@@ -13,8 +13,8 @@ from gr2_core import preranker as core
 from tasks.stage import Stage
 from tasks.tracking import Tracking
 
-TRAIN = Stage("preranker", lambda c: c.preranker, __name__)
-CANDIDATES = Stage("candidates", lambda c: c.preranker, __name__)
+TRAIN = Stage("preranker", lambda c: c.preranker, __name__, core=core.__name__)
+CANDIDATES = Stage("candidates", lambda c: c.preranker, __name__, core=candidates_core.__name__)
 
 
 @task(name="preranker", cache_key_fn=TRAIN.cache_key_fn, persist_result=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -169,8 +170,6 @@ def reranker_tables(evaluations: list[Manifest]):
 def read_run(tracking_uri: str, run_id: str) -> tuple[RunResult, dict]:
     """A finished run read back from MLflow: its stages' manifests (from the folders its
     parent run names) and its resolved config (the run's `config.json`)."""
-    import mlflow
-
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     tags = run.data.tags
@@ -196,7 +195,8 @@ def read_run(tracking_uri: str, run_id: str) -> tuple[RunResult, dict]:
         stages = dict(
             sorted(stages.items(), key=lambda i: (folders[i[0]] / "manifest.json").stat().st_mtime)
         )
-    config = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config.json")
+    with tempfile.TemporaryDirectory() as tmp:  # through this client: `--tracking-uri` holds
+        config = json.loads(Path(client.download_artifacts(run_id, "config.json", tmp)).read_text())
     result = RunResult(
         flow=tags.get("gr2.flow", ""),
         profile=tags.get("gr2.profile", ""),
@@ -475,11 +475,11 @@ def write_docs(
             "Benchmarks",
         )
     if rl_doc and report.rl:
-        from gr2_core.plots import rl_curves
+        from gr2_core.plots import close, rl_curves
 
         figure = Path(rl_doc).parent / "img" / f"rl_{config.data.dataset}_{config.profile}.png"
         figure.parent.mkdir(parents=True, exist_ok=True)
-        rl_curves({method_label(s): h for s, h in report.rl_histories.items()}, figure)
+        close(rl_curves({method_label(s): h for s, h in report.rl_histories.items()}, figure))
         rl = config.rl
         sampling = f"on ({rl.max_sampling_rounds} extra rounds)" if rl.dynamic_sampling else "off"
         section(

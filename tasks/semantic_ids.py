@@ -20,8 +20,10 @@ def _model_fingerprint(config: PipelineConfig) -> dict[str, str]:
     return {"model": str(path), "bytes": str(sum(w.stat().st_size for w in weights))}
 
 
-EMBED = Stage("embeddings", lambda c: c.embeddings, __name__, _model_fingerprint)
-SIDS = Stage("semantic_ids", lambda c: c.semantic_ids, __name__)
+EMBED = Stage(
+    "embeddings", lambda c: c.embeddings, __name__, _model_fingerprint, core=emb_core.__name__
+)
+SIDS = Stage("semantic_ids", lambda c: c.semantic_ids, __name__, core=tok_core.__name__)
 
 
 @task(name="embeddings", cache_key_fn=EMBED.cache_key_fn, persist_result=True)

@@ -26,7 +26,7 @@ from data_contracts.config import StageConfig
 from data_contracts.ctc import FlowConfig
 from data_contracts.manifest import Manifest
 from gr2_core.output import StageOutput
-from tasks.store import StageDir, code_version, stage_key
+from tasks.store import PROJECT_ROOT, StageDir, code_version, stage_closure, stage_key
 from tasks.tracking import StageRun, Tracking, stage_run
 
 CACHE_NEUTRAL = True  # the run protocol: never shapes a stage's output
@@ -66,21 +66,26 @@ def require(manifest: Manifest) -> Manifest:
 @dataclass(frozen=True)
 class Stage:
     """A named stage: its config section and its task module (`__name__`), whose import closure
-    in the project is the code its output depends on."""
+    in the project is the code its output depends on. A task module that hosts several stages
+    names each one's `core` module, so that a stage is not re-keyed by its sibling's code."""
 
     name: str
     section: Callable[[FlowConfig], StageConfig]
     module: str
     # content that the config does not capture, e.g. hashes of the raw input files
     fingerprint: Callable[[FlowConfig], Mapping] | None = None
+    core: str | None = None
 
     def __post_init__(self) -> None:
         known = STAGES.setdefault(self.name, self)
         if known.module != self.module:  # a module loaded twice re-declares its own: fine
             raise ValueError(f"stage {self.name!r} is declared in {known.module} and {self.module}")
 
-    def code(self) -> str:
-        return code_version(self.module)
+    def closure(self, root: Path = PROJECT_ROOT) -> dict[str, Path]:
+        return stage_closure(self.module, self.core, root)
+
+    def code(self, root: Path = PROJECT_ROOT) -> str:
+        return code_version(self.module, root, self.core)
 
     def identity(self, config: FlowConfig) -> dict:
         extra = self.fingerprint(config) if self.fingerprint else {}

@@ -79,9 +79,12 @@ def _neutral(tree: ast.Module) -> bool:
     )
 
 
-def code_closure(module: str, root: Path = PROJECT_ROOT) -> dict[str, Path]:
+def code_closure(
+    module: str, root: Path = PROJECT_ROOT, skip: tuple[str, ...] = ()
+) -> dict[str, Path]:
     """The project modules `module` can run: itself, what it imports (transitively, parent
-    packages included) inside `PROJECT_PACKAGES`, minus `CACHE_NEUTRAL` ones; name -> file."""
+    packages included) inside `PROJECT_PACKAGES`, minus `CACHE_NEUTRAL` ones and the packages
+    in `skip` (neither kept nor followed); name -> file."""
     if _module_file(module, root) is None:
         raise ValueError(f"{module} is not a module of the project under {root}")
     closure: dict[str, Path] = {}
@@ -92,6 +95,8 @@ def code_closure(module: str, root: Path = PROJECT_ROOT) -> dict[str, Path]:
         if name in seen:
             continue
         seen.add(name)
+        if name != module and any(name == p or name.startswith(p + ".") for p in skip):
+            continue
         path = _module_file(name, root)
         if path is None:
             continue
@@ -118,10 +123,21 @@ def _scan(name: str, path: Path) -> tuple[bool, frozenset[str]]:
     return _SCANNED[memo]
 
 
-def code_version(module: str, root: Path = PROJECT_ROOT) -> str:
-    """Hash of the source of every module in `code_closure(module)`, with their names."""
+def stage_closure(module: str, core: str | None, root: Path = PROJECT_ROOT) -> dict[str, Path]:
+    """The code a stage's output depends on. Without `core`, the closure of its task module.
+    With it (a task module that hosts several stages), the closure of the stage's own core
+    module plus the task module's closure outside `gr2_core`: a sibling stage's core is not
+    this stage's code."""
+    if core is None:
+        return code_closure(module, root)
+    adapter = code_closure(module, root, skip=("gr2_core",))
+    return dict(sorted((adapter | code_closure(core, root)).items()))
+
+
+def code_version(module: str, root: Path = PROJECT_ROOT, core: str | None = None) -> str:
+    """Hash of the source of every module in `stage_closure(module, core)`, with their names."""
     h = hashlib.sha256()
-    for name, path in code_closure(module, root).items():
+    for name, path in stage_closure(module, core, root).items():
         h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

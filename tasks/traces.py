@@ -53,16 +53,16 @@ def traces(
     tracking: Tracking,
 ) -> Manifest:
     """Teacher traces per mode: every attempt, the accepted traces, the filter's statistics."""
-    inputs = core.TracesInputs(
-        slates=candidates.path("slates"),
-        sequences=split.path("sequences"),
-        items=data.path("items"),
-        sid_map=semantic_ids.path("sid_map"),
-        prompt=config.prompt,
-        api_key=api_key(config.teacher),
-    )
 
-    def body(out: Path, run):
+    def body(out: Path, run):  # the key is looked up only when there is work for the teacher
+        inputs = core.TracesInputs(
+            slates=candidates.path("slates"),
+            sequences=split.path("sequences"),
+            items=data.path("items"),
+            sid_map=semantic_ids.path("sid_map"),
+            prompt=config.prompt,
+            api_key=api_key(config.teacher),
+        )
         return core.run(inputs, config.teacher, out, on_task_runner, get_run_logger())
 
     return STAGE.run(config, [data, split, semantic_ids, candidates], tracking, body)

@@ -145,9 +145,6 @@ class StageRun:
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
-    def log_figure(self, figure, name: str) -> None:
-        self.client.log_figure(self.run_id, figure, name)
-
     def log_dataset(self, df: pl.DataFrame, name: str, source: str, context: str) -> None:
         """Record an input table (schema, digest, source) under the run's Datasets."""
         ds = from_polars(df, source=source, name=name)
@@ -212,15 +209,23 @@ fail_parent_hook = fail_parent_hook_for(PipelineConfig)
 def pinned_tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API (`mlflow.start_run`, `log_model`, `load_model`, transformers'
     callback) at `uri` for the block: it prefers a URI set in-process, by any other code, over
-    the environment. The caller's URI is set back after."""
+    the environment. On exit the process is as before: a URI that other code had set stays set,
+    and one that came from MLFLOW_TRACKING_URI (or MLflow's default) is unpinned again, so a
+    later change of the variable counts."""
     import mlflow
 
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     previous = mlflow.get_tracking_uri()
+    # `set_tracking_uri` also writes the variable: a URI set in-process and still in force
+    # differs from the variable only if the variable changed since; equal values resolve alike
+    explicit = env_before is not None and previous != env_before
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous if explicit else None)  # None clears the variable too
+        if env_before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 @contextmanager
@@ -231,14 +236,14 @@ def mlflow_env(tracking: Tracking, run_id: str) -> Iterator[None]:
         "MLFLOW_RUN_ID": run_id,
         "MLFLOW_MAX_LOG_PARAMS": "0",  # the stage run already holds the config as params
     }
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        with pinned_tracking_uri(tracking.tracking_uri):
+    with pinned_tracking_uri(tracking.tracking_uri):
+        old = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
             yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

@@ -28,7 +28,7 @@ def project(tmp_path: Path) -> Path:
 
 
 def _codes(root: Path) -> dict[str, str]:
-    return {name: code_version(stage.module, root) for name, stage in STAGES.items()}
+    return {name: stage.code(root) for name, stage in STAGES.items()}
 
 
 def _edit_function(path: Path, function: str) -> None:
@@ -63,7 +63,7 @@ def test_editing_a_function_a_stage_calls_rekeys_exactly_the_stages_that_can_cal
     _edit_function(project / "gr2_core" / "metrics.py", "rank_of")
     after = _codes(project)
     changed = {s for s in STAGES if before[s] != after[s]}
-    callers = {s for s, st in STAGES.items() if "gr2_core.metrics" in code_closure(st.module)}
+    callers = {s for s, st in STAGES.items() if "gr2_core.metrics" in st.closure()}
     assert changed == callers
     assert {"rl_rejection", "rl_unconditional", "sft_eval_targeted", "baselines"} <= changed
     assert {"data", "split", "preranker", "candidates", "semantic_ids"}.isdisjoint(changed)
@@ -76,6 +76,32 @@ def test_editing_a_module_no_stage_imports_rekeys_nothing_else(project):
     changed = {s for s in STAGES if before[s] != after[s]}
     assert "ctc_train" in changed
     assert not {s for s in changed if not s.startswith("ctc_")}
+
+
+@pytest.mark.parametrize(
+    ("module", "function", "stage", "sibling"),
+    [
+        ("candidates.py", "run", "candidates", "preranker"),
+        ("semantic_ids/tokenizer.py", "run", "semantic_ids", "embeddings"),
+        ("sid_eval.py", "run", "midtrain_eval", "midtrain"),
+        ("summarization/evaluate.py", "run", "ctc_eval", "ctc_train"),
+    ],
+)
+def test_a_stage_is_not_rekeyed_by_the_core_of_a_sibling_in_its_task_module(
+    project, module, function, stage, sibling
+):
+    """Task modules that host several stages: each stage hashes its own core, the adapter's
+    code outside the core, and not the core of the stage beside it."""
+    assert STAGES[stage].module == STAGES[sibling].module
+    before = _codes(project)
+    _edit_function(project / "gr2_core" / module, function)
+    after = _codes(project)
+    assert before[stage] != after[stage]
+    assert before[sibling] == after[sibling]
+    # the adapter they share is code of both
+    _edit_function(project / (STAGES[stage].module.replace(".", "/") + ".py"), stage)
+    edited = _codes(project)
+    assert edited[stage] != after[stage] and edited[sibling] != after[sibling]
 
 
 def test_dependants_rekey_through_their_upstream_keys(project):
@@ -92,14 +118,14 @@ def test_dependants_rekey_through_their_upstream_keys(project):
         ):
             stage = STAGES[name]
             ups = [_manifest(u, out[u]) for u in upstream]
-            code = code_version(stage.module, root)
+            code = stage.code(root)
             out[name] = stage_key(name, stage.identity(config), ups, code)
         return out
 
     before = keys(project)
     _edit_function(project / "gr2_core" / "preranker.py", "generate_slates")
     after = keys(project)
-    assert code_version("tasks.baselines", project) == code_version("tasks.baselines", PROJECT_ROOT)
+    assert STAGES["baselines"].code(project) == STAGES["baselines"].code(PROJECT_ROOT)
     assert all(before[s] != after[s] for s in before)
 
 

@@ -199,3 +199,17 @@ print("ok")
         [sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_config_logged_before_the_prompt_section_reads_back():
+    from data_contracts.config import upgrade_logged
+
+    today = load_profile("ci")
+    old = today.model_dump(mode="json")
+    prompt = old.pop("prompt")
+    old["teacher"] |= {k: prompt[k] for k in ("history_items", "knowledge", "cowatch_notes")}
+    old["data"]["prompt_history"] = 5
+    with pytest.raises(ValidationError, match="teacher.cowatch_notes moved to prompt"):
+        PipelineConfig(**old)
+    assert PipelineConfig(**upgrade_logged(old)) == today
+    assert "history_items" in old["teacher"]  # the logged dict itself is left as it was

@@ -699,7 +699,7 @@ def run(
     import polars as pl
 
     from gr2_core.output import StageOutput
-    from gr2_core.plots import ctc_curves
+    from gr2_core.plots import close, ctc_curves
 
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         if on_metrics:
@@ -718,7 +718,7 @@ def run(
     )
     summarizer.save(out / "model")
     pl.DataFrame(history).write_parquet(out / "history.parquet")
-    ctc_curves(history, out / "curves.png")
+    close(ctc_curves(history, out / "curves.png"))
     best = min(history, key=lambda r: r["valid_loss"]) if history else {}
     metrics = {
         "best_valid_loss": best.get("valid_loss", float("nan")),

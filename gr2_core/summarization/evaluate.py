@@ -295,7 +295,7 @@ def run(inputs: CTCEvalInputs, cfg: CTCEvalConfig, out: Path, log: Log) -> Stage
     intervals clustered by document."""
     from data_contracts.summaries import SUMMARY_SCORES
     from data_contracts.tables import validate
-    from gr2_core.plots import summarizer_bars
+    from gr2_core.plots import close, summarizer_bars
     from gr2_core.report import to_markdown
     from gr2_core.summarization.baselines import LLMSummarizer
 
@@ -331,7 +331,7 @@ def run(inputs: CTCEvalInputs, cfg: CTCEvalConfig, out: Path, log: Log) -> Stage
         + to_markdown(differences)
     )
     (out / "report.md").write_text(report + "\n")
-    summarizer_bars(table, out / "results.png")
+    close(summarizer_bars(table, out / "results.png"))
     metrics = tuned.metrics()
     for row in table.iter_rows(named=True):
         for k in ("rouge1", "rouge2", "rougeL", "order", "summaries_per_s", "latency_ms"):
