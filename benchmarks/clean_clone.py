@@ -7,8 +7,9 @@ included, nothing cached but pip's download cache.
 
 The clone is of the committed HEAD (uncommitted edits are not timed). The install (both
 virtualenvs for `test` and `run`) and the command are timed apart; the command's last output
-line (pytest's summary) is kept. The section `make <target> from a clean clone` of `--doc` is
-replaced, so the timings page holds the newest measurement. Exits with the command's status.
+line (pytest's summary; for `run`, where MLflow recorded the flow) is kept. The section
+`make <target> from a clean clone` of `--doc` is replaced, so the timings page holds the newest
+measurement. Exits with the command's status.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def main() -> int:
         return rc
     command = "bash .ci/run" if args.target == "test" else f"make {args.target}"
     seconds, rc = timed(command, clone, log)
-    last = [line for line in log.read_text().splitlines() if line.strip()][-1:]
-    summary = last[0].strip("= ") if last else ""
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    if args.target == "run":  # the flow's closing lines: where its run is recorded
+        lines = [line for line in lines if line.startswith("MLflow: ")]
+    summary = lines[-1].strip("= ") if lines else ""
     print(f"{commit}: install {minutes(install)}, `{command}` {minutes(seconds)} (exit {rc})")
     print(f"  last line: {summary}\n  log: {log}")
     if args.doc and rc == 0:
@@ -73,7 +76,7 @@ def main() -> int:
             f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores{env_note}: a fresh clone, "
             f"`make {INSTALL[args.target]}` {minutes(install)} (pip's download cache warm), then "
             f"`{command}` {minutes(seconds)}; total {minutes(install + seconds)}. "
-            f"Last line of the output: `{summary}`."
+            f"{'Recorded at' if args.target == 'run' else 'Last line of the output'}: `{summary}`."
         )
         replace_section(Path(args.doc), f"make {args.target} from a clean clone", body, "Timings")
         print(f"wrote section 'make {args.target} from a clean clone' of {args.doc}")

@@ -534,7 +534,9 @@ def write_timings(
         f"({len(computed)} of {len(seconds)} stages computed in this run).\n\n"
         "| stage | wall time | computed |\n|---|---|---|\n" + "\n".join(rows)
     )
-    heading = f"{result.flow}, profile {result.profile}{variant}"
+    # a rerun that only found cached stages keeps a section of its own beside the cold run's
+    rerun = "" if computed else ", every stage from the cache"
+    heading = f"{result.flow}, profile {result.profile}{variant}{rerun}"
     replace_section(Path(path), heading, body, "Timings")
     return f"'{heading}' of {path}"
 

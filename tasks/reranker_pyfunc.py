@@ -2,8 +2,9 @@
 
 `tasks.registry.register` logs this file with the reranker bundle (model, tokenizer,
 catalogue with the SID map, prompt settings; `gr2_core.reranker`) as artifact `reranker` and
-`gr2_core` as code, so `mlflow.pyfunc.load_model` and `mlflow models serve` need only torch,
-transformers and polars.
+`gr2_core` and `data_contracts` as code, so `mlflow.pyfunc.load_model` and `mlflow models serve`
+need only the pinned requirements logged with it (torch, transformers, polars, pydantic,
+pyyaml, pandera, scipy).
 
 Input: a DataFrame with columns `history` and `candidates` (lists of item ids) and optional
 `user_id`. Output: a DataFrame with `recommendations` (the candidates, best first),

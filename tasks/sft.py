@@ -1,4 +1,5 @@
-"""Stages `sft_<mode>` (decoupled-weight SFT on one trace set) and `sft_eval_<mode>`.
+"""Stages `sft_<mode>` (decoupled-weight SFT on one trace set); their evaluations are in
+`tasks/reranker_eval.py`.
 
 The student is the mid-trained model; its prompt is the teacher's rejection variant (no target)
 with the same KP setting, so SFT teaches it to produce the teacher's accepted answers.
