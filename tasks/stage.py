@@ -81,11 +81,16 @@ class Stage:
         if known.module != self.module:  # a module loaded twice re-declares its own: fine
             raise ValueError(f"stage {self.name!r} is declared in {known.module} and {self.module}")
 
+    def siblings(self) -> tuple[str, ...]:
+        """The core modules of the other stages declared in this stage's task module."""
+        cores = {s.core for s in STAGES.values() if s.module == self.module and s.core}
+        return tuple(sorted(cores - {self.core}))
+
     def closure(self, root: Path = PROJECT_ROOT) -> dict[str, Path]:
-        return stage_closure(self.module, self.core, root)
+        return stage_closure(self.module, root, self.core, self.siblings())
 
     def code(self, root: Path = PROJECT_ROOT) -> str:
-        return code_version(self.module, root, self.core)
+        return code_version(self.module, root, self.core, self.siblings())
 
     def identity(self, config: FlowConfig) -> dict:
         extra = self.fingerprint(config) if self.fingerprint else {}

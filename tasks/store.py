@@ -123,21 +123,23 @@ def _scan(name: str, path: Path) -> tuple[bool, frozenset[str]]:
     return _SCANNED[memo]
 
 
-def stage_closure(module: str, core: str | None, root: Path = PROJECT_ROOT) -> dict[str, Path]:
-    """The code a stage's output depends on. Without `core`, the closure of its task module.
-    With it (a task module that hosts several stages), the closure of the stage's own core
-    module plus the task module's closure outside `gr2_core`: a sibling stage's core is not
-    this stage's code."""
-    if core is None:
-        return code_closure(module, root)
-    adapter = code_closure(module, root, skip=("gr2_core",))
-    return dict(sorted((adapter | code_closure(core, root)).items()))
+def stage_closure(
+    module: str, root: Path = PROJECT_ROOT, core: str | None = None, siblings: tuple[str, ...] = ()
+) -> dict[str, Path]:
+    """The code a stage's output depends on: the closure of its task module. In a task module
+    that hosts several stages, the `siblings` (the other stages' core modules) are left out of
+    that closure unless the stage's own `core` reaches them: a sibling's core is not this
+    stage's code, anything else the adapter calls is."""
+    closure = code_closure(module, root, skip=siblings)
+    return dict(sorted((closure | (code_closure(core, root) if core else {})).items()))
 
 
-def code_version(module: str, root: Path = PROJECT_ROOT, core: str | None = None) -> str:
-    """Hash of the source of every module in `stage_closure(module, core)`, with their names."""
+def code_version(
+    module: str, root: Path = PROJECT_ROOT, core: str | None = None, siblings: tuple[str, ...] = ()
+) -> str:
+    """Hash of the source of every module in `stage_closure`, with their names."""
     h = hashlib.sha256()
-    for name, path in stage_closure(module, core, root).items():
+    for name, path in stage_closure(module, root, core, siblings).items():
         h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
