@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -155,24 +156,102 @@ def _signature():
     return ModelSignature(inputs, outputs)
 
 
-def _ensure_model(client: MlflowClient, name: str) -> None:
+RERANKER_DESCRIPTION = (
+    "GR2 generative reasoning reranker: history + candidates in, the candidates reordered with "
+    "an explanation out. Aliases: champion (serve this), challenger (latest registered), "
+    "previous-champion (rollback target)."
+)
+
+
+def _ensure_model(client: MlflowClient, name: str, description: str = RERANKER_DESCRIPTION):
     try:
-        client.create_registered_model(
-            name,
-            description="GR2 generative reasoning reranker: history + candidates in, the "
-            "candidates reordered with an explanation out. Aliases: champion (serve this), "
-            "challenger (latest registered), previous-champion (rollback target).",
-        )
+        client.create_registered_model(name, description=description)
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
 
 
-def find_version(client: MlflowClient, name: str, key: str):
+def find_version(client: MlflowClient, name: str, key: str, tag: str = "gr2.registration_key"):
+    """The version of `name` whose tag `tag` equals `key`, or None."""
     for version in client.search_model_versions(f"name = '{name}'"):
-        if version.tags.get("gr2.registration_key") == key:
+        if version.tags.get(tag) == key:
             return version
     return None
+
+
+@dataclass
+class FrozenScores:
+    """The model's results on the frozen (validation) set and its test scores, for `register`."""
+
+    rows: pl.DataFrame
+    results: pl.DataFrame
+    valid: dict[str, float]
+    test: dict[str, float]
+
+    def tags(self) -> dict[str, str]:
+        return {
+            metric_key(f"gr2.{split}.{k}"): f"{v:.4f}"
+            for split, scores in (("valid", self.valid), ("test", self.test))
+            for k, v in scores.items()
+        }
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            f"{split}/{k}": v
+            for split in ("valid", "test")
+            for k, v in getattr(self, split).items()
+        }
+
+    def __str__(self) -> str:
+        v, t = self.valid, self.test
+        return (
+            f"valid R@5 {v['recall@5']:.3f}, NDCG@5 {v['ndcg@5']:.3f}, invalid "
+            f"{v['invalid_rate']:.3f} (test R@5 {t['recall@5']:.3f}, NDCG@5 {t['ndcg@5']:.3f})"
+        )
+
+
+def frozen_scores(config: PipelineConfig, model: Manifest, evaluation: Manifest, candidates, cat):
+    """Score the served method's answers (from the evaluation stage) on the frozen validation
+    set, and on the test slates for reporting."""
+    rows = frozen_set(config, candidates)
+    results = evaluation_results(config, model, evaluation, rows, cat)
+    test_rows = frozen_set(config, candidates, "test")
+    test = summarize(evaluation_results(config, model, evaluation, test_rows, cat, "test"))
+    return FrozenScores(rows=rows, results=results, valid=summarize(results), test=test)
+
+
+def served_settings(config: PipelineConfig, model: Manifest) -> RerankSettings:
+    """How the registered bundle prompts and decodes: the settings its evaluation used."""
+    return RerankSettings(
+        variant=model.stage,
+        prompt=config.prompt,
+        max_new_tokens=config.sft.max_new_tokens,
+        constrained=config.sft.constrained_answer,
+        batch_size=config.sft.eval_batch_size,
+    )
+
+
+def registered(version, run_id: str, eval_set: str | None = None) -> Registered:
+    """The task's output for `version`; created (in this call) when its `eval_set` is given."""
+    return Registered(
+        name=version.name,
+        version=str(version.version),
+        run_id=run_id,
+        eval_set=version.tags.get("gr2.eval_set", "") if eval_set is None else eval_set,
+        created=eval_set is not None,
+    )
+
+
+def registration_tags(config: PipelineConfig, model, key, semantic_ids, tracking) -> dict[str, str]:
+    """What a registered version records of where it comes from."""
+    return {
+        "gr2.registration_key": key,
+        "gr2.variant": model.stage,
+        "gr2.profile": config.profile,
+        "gr2.dataset": config.data.dataset,
+        "gr2.semantic_ids_dir": semantic_ids.directory,
+        "gr2.parent_run_id": tracking.parent_run_id or "",
+    }
 
 
 @task(name="register")
@@ -188,70 +267,30 @@ def register(
 ) -> Registered:
     """Register the run's reranker as a new version with alias `challenger` (idempotent)."""
     log = get_run_logger()
-    cfg = config.registry
+    name, key = config.registry.model_name, f"{model.key}:{evaluation.key}"
     client = client_for(tracking.tracking_uri)
-    _ensure_model(client, cfg.model_name)
-    key = f"{model.key}:{evaluation.key}"
-    rows = frozen_set(config, candidates)
-    digest = frozen_set_digest(rows)
-    if (done := find_version(client, cfg.model_name, key)) is not None:
-        log.info("register: %s version %s already holds this model", cfg.model_name, done.version)
-        return Registered(
-            name=cfg.model_name,
-            version=str(done.version),
-            run_id=done.run_id,
-            eval_set=done.tags.get("gr2.eval_set", ""),
-            created=False,
-        )
+    _ensure_model(client, name)
+    if (done := find_version(client, name, key)) is not None:
+        log.info("register: %s version %s already holds this model", name, done.version)
+        return registered(done, done.run_id)
     cat = catalogue(data, semantic_ids)
-    results = evaluation_results(config, model, evaluation, rows, cat)
-    scores = summarize(results)
-    test_rows = frozen_set(config, candidates, "test")
-    test_scores = summarize(evaluation_results(config, model, evaluation, test_rows, cat, "test"))
-    settings = RerankSettings(
-        variant=model.stage,
-        prompt=config.prompt,
-        max_new_tokens=config.sft.max_new_tokens,
-        constrained=config.sft.constrained_answer,
-        batch_size=config.sft.eval_batch_size,
-    )
+    scores = frozen_scores(config, model, evaluation, candidates, cat)
     sequences = read(split, "sequences") if config.prompt.cowatch_notes else None
-    with stage_run(tracking, "register", key, cfg) as run, tempfile.TemporaryDirectory() as tmp:
+    tags = registration_tags(config, model, key, semantic_ids, tracking) | scores.tags()
+    with (
+        stage_run(tracking, "register", key, config.registry) as run,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        settings = served_settings(config, model)
         bundle = save_bundle(Path(tmp) / "reranker", model.path("model"), cat, settings, sequences)
-        run.log_metrics({f"valid/{k}": v for k, v in scores.items()})
-        run.log_metrics({f"test/{k}": v for k, v in test_scores.items()})
-        tags = {
-            "gr2.registration_key": key,
-            "gr2.variant": model.stage,
-            "gr2.profile": config.profile,
-            "gr2.dataset": config.data.dataset,
-            "gr2.semantic_ids_dir": semantic_ids.directory,
-            "gr2.parent_run_id": tracking.parent_run_id or "",
-        } | {metric_key(f"gr2.valid.{k}"): f"{v:.4f}" for k, v in scores.items()}
-        tags |= {metric_key(f"gr2.test.{k}"): f"{v:.4f}" for k, v in test_scores.items()}
+        run.log_metrics(scores.metrics())
         version = log_and_register(
-            tracking.tracking_uri, run.run_id, cfg.model_name, bundle, rows, results, tags
+            tracking.tracking_uri, run.run_id, name, bundle, scores.rows, scores.results, tags
         )
     log.info(
-        "register: %s version %s (%s, alias %s); valid R@5 %.3f, NDCG@5 %.3f, invalid %.3f "
-        "(test R@5 %.3f, NDCG@5 %.3f)",
-        cfg.model_name,
-        version.version,
-        model.stage,
-        CHALLENGER,
-        scores["recall@5"],
-        scores["ndcg@5"],
-        scores["invalid_rate"],
-        test_scores["recall@5"],
-        test_scores["ndcg@5"],
+        "register: %s v%s (%s), %s; %s", name, version.version, model.stage, CHALLENGER, scores
     )
-    return Registered(
-        name=cfg.model_name,
-        version=str(version.version),
-        run_id=run.run_id,
-        eval_set=digest,
-        created=True,
-    )
+    return registered(version, run.run_id, frozen_set_digest(scores.rows))
 
 
 def log_and_register(
@@ -458,6 +497,38 @@ CTC_ARTIFACT = "ctc_summarizer"
 CTC_SERVING_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "numpy>=2,<3", "tqdm>=4.66"]
 
 
+CTC_DESCRIPTION = "GR2 CTC summarizer (order-preserving, non-autoregressive)"
+CTC_EXAMPLE = (
+    "We propose a new method for summarizing spoken lectures . Experiments show that it keeps "
+    "the order of the source and improves ROUGE over strong baselines ."
+)
+
+
+def save_ctc_pyfunc(model_dir: Path, local: Path) -> None:
+    """Save the summarizer in `model_dir` as an MLflow pyfunc model folder `local`, with a
+    signature and an input example from the model's own output."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    import gr2_core
+    from gr2_core.summarization.ctc import Summarizer
+
+    summarizer = Summarizer.load(model_dir)
+    aspect = summarizer.spec.conditions[-1]
+    example = pd.DataFrame({"document": [CTC_EXAMPLE], "aspect": [aspect]})
+    output = pd.DataFrame({"summary": summarizer.summarize([CTC_EXAMPLE], [aspect])})
+    mlflow.pyfunc.save_model(
+        path=str(local),
+        python_model=str(CTC_PYFUNC_FILE),
+        artifacts={"summarizer": str(model_dir)},
+        code_paths=[str(Path(gr2_core.__file__).parent)],
+        pip_requirements=CTC_SERVING_REQUIREMENTS,
+        signature=infer_signature(example, output, {"method": "greedy", "length": 0, "beam": 8}),
+        input_example=example,
+    )
+
+
 @task(name="ctc_register")
 def ctc_register(config: CTCFlowConfig, model: Manifest, tracking: Tracking) -> str:
     """Save the trained summarizer as an MLflow pyfunc model, log it to its training run and
@@ -466,52 +537,15 @@ def ctc_register(config: CTCFlowConfig, model: Manifest, tracking: Tracking) -> 
 
     Only `MlflowClient` calls with an explicit URI: no process-wide tracking URI is set, so a
     pipeline running beside this flow keeps logging where it should."""
-    import tempfile
-
-    import mlflow
-    import pandas as pd
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
-    from mlflow.tracking import MlflowClient
-
-    import gr2_core
-    from gr2_core.summarization.ctc import Summarizer
-
     log = get_run_logger()
-    client = MlflowClient(tracking.tracking_uri)
-    name = config.registered_model
-    try:
-        client.create_registered_model(
-            name, description="GR2 CTC summarizer (order-preserving, non-autoregressive)"
-        )
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    for version in client.search_model_versions(f"name = '{name}'"):
-        if version.tags.get("gr2.stage_key") == model.key:
-            log.info("ctc_register: %s version %s already holds this model", name, version.version)
-            return str(version.version)
-    summarizer = Summarizer.load(model.path("model"))
-    document = (
-        "We propose a new method for summarizing spoken lectures . Experiments show that it "
-        "keeps the order of the source and improves ROUGE over strong baselines ."
-    )
-    aspect = summarizer.spec.conditions[-1]
-    example = pd.DataFrame({"document": [document], "aspect": [aspect]})
-    output = pd.DataFrame({"summary": summarizer.summarize([document], [aspect])})
-    signature = infer_signature(example, output, {"method": "greedy", "length": 0, "beam": 8})
+    client, name = client_for(tracking.tracking_uri), config.registered_model
+    _ensure_model(client, name, CTC_DESCRIPTION)
+    if (done := find_version(client, name, model.key, tag="gr2.stage_key")) is not None:
+        log.info("ctc_register: %s version %s already holds this model", name, done.version)
+        return str(done.version)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / CTC_ARTIFACT
-        mlflow.pyfunc.save_model(
-            path=str(local),
-            python_model=str(CTC_PYFUNC_FILE),
-            artifacts={"summarizer": str(model.path("model"))},
-            code_paths=[str(Path(gr2_core.__file__).parent)],
-            pip_requirements=CTC_SERVING_REQUIREMENTS,
-            signature=signature,
-            input_example=example,
-        )
-        client.log_artifacts(model.mlflow_run_id, str(local), CTC_ARTIFACT)
+        save_ctc_pyfunc(model.path("model"), Path(tmp) / CTC_ARTIFACT)
+        client.log_artifacts(model.mlflow_run_id, str(Path(tmp) / CTC_ARTIFACT), CTC_ARTIFACT)
     source = f"{client.get_run(model.mlflow_run_id).info.artifact_uri}/{CTC_ARTIFACT}"
     tags = {"gr2.stage_key": model.key, "gr2.profile": config.profile}
     version = client.create_model_version(name, source, model.mlflow_run_id, tags=tags)
