@@ -268,8 +268,7 @@ def register(
     """Register the run's reranker as a new version with alias `challenger` (idempotent)."""
     log = get_run_logger()
     name, key = config.registry.model_name, f"{model.key}:{evaluation.key}"
-    client = client_for(tracking.tracking_uri)
-    _ensure_model(client, name)
+    client = client_for(tracking.tracking_uri)  # log_and_register creates the model if new
     if (done := find_version(client, name, key)) is not None:
         log.info("register: %s version %s already holds this model", name, done.version)
         return registered(done, done.run_id)
