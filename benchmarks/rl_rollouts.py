@@ -1,9 +1,11 @@
-"""Rankable DAPO rollouts with and without the slate constraint (`rl.slate_sids`).
+"""Rankable DAPO rollouts: plain sampling, budget-forced, and with the slate constraint.
 
 Samples rollouts from the newest completed `sft_<mode>` stage (each mode given) under
-`var/artifacts` on the RL training prompts of a profile (its `rl.temperature` and
-`rl.max_completion_length`), once with transformers' plain `generate` and once through
-`gr2_core.rl.SlateSIDProcessor`, and tallies what the answer filter says of each rollout.
+`var/artifacts` on the RL training prompts of a profile (its `rl.temperature`,
+`rl.max_completion_length` and `prompt.max_explanation_tokens`): once with transformers' plain
+`generate`, once through the answer machine with a free list (budget forcing only), once with the
+list constrained to the slate (`rl.slate_sids`), and tallies what the answer filter says of each
+rollout.
 Results go to a docs/benchmarks.md section with this command.
 
   python benchmarks/rl_rollouts.py --profile rl-cpu --mode rejection targeted --prompts 8 \\
@@ -27,12 +29,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from teacher import demo_inputs, latest  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from data_contracts.config import load_profile  # noqa: E402
+from gr2_core.generation import HFEngine, machines_for, prompt_ids  # noqa: E402
 from gr2_core.prompts import CoWatch, check_answer  # noqa: E402
 from gr2_core.report import replace_section, to_markdown  # noqa: E402
-from gr2_core.rl import SlateSIDProcessor, training_rows  # noqa: E402
+from gr2_core.rl import training_rows  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +59,8 @@ def main() -> None:
     ]
     table = []
     for mode in args.mode:
-        table += rollouts(latest(root, f"sft_{mode}"), rows, cat, cfg, args.seed)
+        budget = config.prompt.max_explanation_tokens
+        table += rollouts(latest(root, f"sft_{mode}"), rows, cat, cfg, budget, args.seed)
     if args.doc:
         command = "python " + " ".join(sys.argv)
         replace_section(
@@ -64,55 +68,46 @@ def main() -> None:
             "Rankable rollouts: free vs slate SIDs",
             f"Command: `{command}` ({os.cpu_count()} cores; students of profile {args.profile}, "
             f"one rollout per RL training prompt at temperature {cfg.temperature:g}, up to "
-            f"{cfg.max_completion_length} tokens, one batch; outcomes are the answer filter's "
-            "verdicts, `truncated:` = no EOS before the limit)."
+            f"{cfg.max_completion_length} tokens, one batch; budget-forced rows close the "
+            f"explanation at {config.prompt.max_explanation_tokens} tokens; outcomes are the "
+            "answer filter's verdicts, `truncated:` = no EOS before the limit)."
             "\n\n" + to_markdown(pl.DataFrame(table)),
             "Benchmarks",
         )
 
 
-def rollouts(sft, rows: list[dict], cat, cfg, seed: int) -> list[dict]:
-    """One batch of rollouts of the `sft` stage's model, free then constrained: table rows."""
+def rollouts(sft, rows: list[dict], cat, cfg, budget: int, seed: int) -> list[dict]:
+    """One batch of rollouts of the `sft` stage's model per decoding: table rows."""
     tok = AutoTokenizer.from_pretrained(sft.path("model"))
-    tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(sft.path("model")).eval()
-    texts = [
-        tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-        for r in rows
-    ]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompts = [prompt_ids(tok, r["prompt"]) for r in rows]
+    slates = [r["slate"] for r in rows]
     known = frozenset(cat.sid.values())
+    engine = HFEngine(model, tok, batch_size=len(rows))
     table = []
-    for constrained in (False, True):
+    for decoding in ("plain generate", "budget-forced, free list", "budget-forced, slate list"):
         torch.manual_seed(seed)
-        extra = {}
-        if constrained:
-            extra["logits_processor"] = LogitsProcessorList(
-                [SlateSIDProcessor(tok, [r["slate"] for r in rows])]
-            )
         start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=cfg.max_completion_length,
-                do_sample=True,
+        if decoding == "plain generate":
+            texts, lengths, ended = plain(model, tok, prompts, cfg)
+        else:
+            method = "free" if "free" in decoding else "constrained"
+            done = engine.complete(
+                prompts,
+                machines_for(tok, slates, method, budget),
                 temperature=cfg.temperature,
-                top_p=1.0,
-                pad_token_id=tok.pad_token_id,
-                **extra,
             )
+            texts = [c.text for c in done]
+            lengths = [len(c.token_ids) for c in done]
+            ended = [c.token_ids[-1] == tok.eos_token_id for c in done]
         seconds = time.perf_counter() - start
-        reasons, lengths = Counter(), []
-        for r, ids in zip(rows, out[:, enc["input_ids"].shape[1] :], strict=True):
-            ids = ids.tolist()  # generated tokens; padding after the EOS (pad may equal EOS)
-            ended = tok.eos_token_id in ids
-            ids = ids[: ids.index(tok.eos_token_id)] if ended else ids
-            lengths.append(len(ids))
-            reason = check_answer(tok.decode(ids), r["slate"], known).reason
-            reasons[reason if ended else f"truncated:{reason}"] += 1  # no EOS: reward -1
+        reasons = Counter()
+        for r, text, end in zip(rows, texts, ended, strict=True):
+            reason = check_answer(text, r["slate"], known).reason
+            reasons[reason if end else f"truncated:{reason}"] += 1  # no EOS: reward -1
         row = {
             "student": sft.stage,
-            "rollouts": "slate permutation" if constrained else "free",
+            "rollouts": decoding,
             "n": len(rows),
             "rankable": round(reasons["accepted"] / len(rows), 3),
             "outcomes": ", ".join(f"{k} {v}" for k, v in reasons.most_common()),
@@ -122,6 +117,32 @@ def rollouts(sft, rows: list[dict], cat, cfg, seed: int) -> list[dict]:
         print(row, flush=True)
         table.append(row)
     return table
+
+
+def plain(model, tok, prompts: list[list[int]], cfg) -> tuple[list[str], list[int], list[bool]]:
+    """Sampled completions from transformers' `generate` with no answer machine."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=cfg.max_completion_length,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=1.0,
+            pad_token_id=pad,
+        )
+    texts, lengths, ended = [], [], []
+    for row in out[:, width:].tolist():  # padding after the EOS (pad may equal EOS)
+        end = tok.eos_token_id in row
+        row = row[: row.index(tok.eos_token_id)] if end else row
+        texts.append(tok.decode(row))
+        lengths.append(len(row))
+        ended.append(end)
+    return texts, lengths, ended
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def throughput(args, cat, slates, sequences, model_dir: Path, logs: Path) -> lis
     cfg = profile.teacher
     jobs = tr.select_jobs(slates, 32, profile.prompt.history_items, 1)
     cowatch = tr.CoWatch(sequences)
-    msgs = [tr.job_messages(j, cat, "rejection", True, cowatch) for j in jobs]
+    budget = profile.prompt.max_explanation_tokens
+    msgs = [tr.job_messages(j, cat, "rejection", True, cowatch, budget) for j in jobs]
     rows = []
 
     def record(engine: str, setting: str, tokens: int, seconds: float, n: int) -> None:
@@ -210,6 +211,7 @@ def acceptance(args, cat, slates, sequences, model_dir: Path, logs: Path) -> lis
                     cowatch=cowatch if kp else None,
                     seed=cfg.seed,
                     min_explanation_chars=cfg.min_explanation_chars,
+                    max_explanation_tokens=profile.prompt.max_explanation_tokens,
                 )
                 stats, per_attempt = tr.filter_stats(tr.attempts_table([path]), len(jobs))
                 row = {

@@ -282,6 +282,13 @@ class PromptConfig(StageConfig):
     history_items: int = Field(10, ge=1, description="Most recent history items in the prompt.")
     knowledge: bool = Field(True, description="Domain-knowledge priming (KP) block on/off.")
     cowatch_notes: bool = Field(True, description="Per-candidate co-watching counts in the KP.")
+    max_explanation_tokens: int = Field(
+        64,
+        ge=0,
+        description="Reasoning budget: explanation tokens an answer may spend. Longer teacher "
+        "traces are cut at a sentence end before SFT (or dropped); at inference the explanation "
+        "is closed and the list opened when the budget is reached. 0: answer with the list only.",
+    )
 
 
 # settings that moved from `teacher` to `prompt` (issue 19)
@@ -399,8 +406,27 @@ class TeacherConfig(StageConfig):
         return self
 
 
+ANSWER_METHODS = ("free", "constrained", "scored", "scored_explained")
+AnswerMethod = Literal["free", "constrained", "scored", "scored_explained"]
+
+
 class SFTConfig(StageConfig):
     """Decoupled-weight SFT of the mid-trained student on accepted traces."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_settings(cls, data: object) -> object:
+        if isinstance(data, dict) and "max_new_tokens" in data:
+            raise ValueError(
+                "sft.max_new_tokens was removed: answers are budget-forced, their length is "
+                "bounded by prompt.max_explanation_tokens and the slate; delete the setting"
+            )
+        if isinstance(data, dict) and "constrained_answer" in data:
+            raise ValueError(
+                "sft.constrained_answer was replaced by sft.eval_methods (e.g. [free, "
+                "constrained, scored]) and sft.serve_method (the registered model's method)"
+            )
+        return data
 
     lambda_r: float = Field(0.5, ge=0, description="Weight of reasoning tokens.")
     lambda_o: float = Field(1.0, gt=0, description="Weight of answer tokens (> lambda_r).")
@@ -415,11 +441,18 @@ class SFTConfig(StageConfig):
     save_steps: int = Field(25, ge=1, description="Checkpoint interval (resume point).")
     eval_slates: int = Field(200, ge=1, description="Valid/test slates evaluated per split.")
     eval_batch_size: int = Field(8, ge=1)
-    max_new_tokens: int = Field(320, ge=16)
-    constrained_answer: bool = Field(
-        True,
-        description="Also evaluate with the answer list decoded constrained to a permutation of "
-        "the slate's SIDs (the free answer's explanation kept).",
+    eval_methods: list[AnswerMethod] = Field(
+        default_factory=lambda: list(ANSWER_METHODS[:3]),
+        description="How each reranker answers in evaluation, one table row each: free (the "
+        "model writes the list), constrained (the list decoded as a permutation of the slate), "
+        "scored (the slate ordered by each SID's probability as the first item, no list "
+        "decoded), scored_explained (scored after a budget-forced explanation). Every answer's "
+        "explanation is budget-forced (prompt.max_explanation_tokens).",
+    )
+    serve_method: AnswerMethod = Field(
+        "scored",
+        description="How the registered reranker answers requests; promotion judges it by this "
+        "method's validation answers, so it must be one of eval_methods.",
     )
     num_threads: int = Field(2, ge=1)
     seed: int = 0
@@ -432,6 +465,13 @@ class SFTConfig(StageConfig):
             raise ValueError(
                 f"sft.lambda_r ({self.lambda_r}) must be below sft.lambda_o ({self.lambda_o})"
             )
+        if self.serve_method not in self.eval_methods:
+            raise ValueError(
+                f"sft.serve_method ({self.serve_method}) must be one of sft.eval_methods "
+                f"{self.eval_methods}: promotion judges the served method's answers"
+            )
+        if len(set(self.eval_methods)) != len(self.eval_methods) or not self.eval_methods:
+            raise ValueError(f"sft.eval_methods {self.eval_methods}: name each method once")
         return self
 
 
@@ -639,8 +679,10 @@ class TrackingConfig(StageConfig):
 
 def upgrade_logged(raw: dict) -> dict:
     """A config that an older GR2 logged with its run (`config.json`) in today's layout, for
-    reading old runs back: the prompt settings move from `teacher` to `prompt` and the removed
-    `data.prompt_history` is dropped. A new config with these keys is still refused."""
+    reading old runs back: the prompt settings move from `teacher` to `prompt`, the removed
+    `data.prompt_history` and `sft.max_new_tokens` are dropped (a run from before budget forcing
+    reads back with today's default reasoning budget), and `sft.constrained_answer` becomes the
+    methods it evaluated and served. A new config with these keys is still refused."""
     raw = json.loads(json.dumps(raw))
     teacher, data = raw.get("teacher") or {}, raw.get("data") or {}
     prompt = raw.setdefault("prompt", {})
@@ -648,6 +690,12 @@ def upgrade_logged(raw: dict) -> dict:
         if key in teacher:
             prompt.setdefault(key, teacher.pop(key))
     data.pop("prompt_history", None)
+    sft = raw.get("sft") or {}
+    sft.pop("max_new_tokens", None)
+    if "constrained_answer" in sft:  # before scoring mode: the list constrained, or free
+        method = "constrained" if sft.pop("constrained_answer") else "free"
+        sft.setdefault("eval_methods", ["free", method] if method != "free" else ["free"])
+        sft.setdefault("serve_method", method)
     return raw
 
 

@@ -35,38 +35,22 @@ from gr2_core.split import train_items
 
 SID_PATTERN = re.compile(re.escape(SID_BEGIN) + r".*?" + re.escape(SID_END))
 
-ROLE = (
-    "You are a recommendation expert for a movie streaming service. A retrieval model has "
-    "proposed {n} candidate movies for a user. Rerank them so that the movie the user is most "
-    "likely to watch next comes first."
-)
-KNOWLEDGE = (
-    "Domain knowledge for movies:\n"
-    "- Franchises and sequels: a user who watched one part of a series often watches the next.\n"
-    "- Genre continuity: recent genres predict the next choice better than old ones.\n"
-    "- Era continuity: users tend to stay within the release decades they have been watching.\n"
-    "- Co-watching: movies often watched together by other users are likely next; the counts "
-    "below come from the training interactions."
-)
-GUIDELINES = (
-    "Guidelines:\n"
-    "- Refer to every movie by its SID, exactly as written above.\n"
-    "- Rank all {n} candidates, each exactly once, and no other movie."
-)
-STEPS = (
-    "Think in three steps:\n"
-    "1. Pattern recognition: what do the user's recent movies have in common?\n"
-    "2. Complementary items: which candidates continue or complement those patterns?\n"
-    "3. Final selection: order the candidates from most to least likely."
-)
-OUTPUT = (
-    'Answer with one JSON object and nothing else: {"explanation": "<your reasoning, citing '
-    'movies by SID>", "recommendations": ["<SID>", ...]} listing all candidates in your order.'
-)
-TARGET = (
-    "The user actually watched {target} next. Explain, from the history and the candidates, why "
-    "this movie fits, and rank it first."
-)
+ROLE = "Rerank the {n} candidate movies so the one the user watches next comes first."
+# the KP block; `[n]` after a candidate is its co-watch note (`CoWatch.notes`)
+KNOWLEDGE = "Hints: sequels, recent genres and eras predict the next movie"
+NOTES = "; [n] = % of this history's viewers who saw it"
+GUIDELINES = "Rank all {n}, each once, citing SIDs."
+STEPS = "Steps: history patterns, candidates that continue them, final order."
+OUTPUT = 'JSON only: {{"explanation": "<max {words} words>", "recommendations": ["<SID>", ...]}}'
+TARGET = "The user watched {target} next: explain why it fits and rank it first."
+ALT_TITLE = re.compile(r"\s*\([^)]*\)")
+NAME = re.compile(r"^(?P<title>.*) \((?P<year>\d{4}|n/a)\)$")
+
+
+def explanation_words(max_explanation_tokens: int) -> int:
+    """Words the prompt asks for: a SID costs 6 tokens and a word about 1.3, so half the token
+    budget leaves room for a cited SID or two."""
+    return max(5, max_explanation_tokens // 2)
 
 
 class RerankAnswer(BaseModel):
@@ -83,8 +67,26 @@ def answer_schema() -> dict:
     return RerankAnswer.model_json_schema()
 
 
-def item_line(item: str, cat: Catalogue) -> str:
-    return f"{cat.sid[item]} {cat.caption[item]}"
+def label(name: str, caption: str) -> str:
+    """An item as the prompt shows it: `Title 'YY | genres` from the catalogue's `Title (YYYY)`
+    name and caption, alternative titles in parentheses dropped, a title of more than six words
+    cut to five and an ellipsis, at most three genres; about 3 tokens shorter than the caption
+    on average (a digit is a token), much shorter on the long ones."""
+    genres = ", ".join(caption.rsplit(" | ", 1)[-1].split(", ")[:3])
+    m = NAME.match(name)
+    if m is None:
+        return caption
+    title = ALT_TITLE.sub("", m["title"]).strip() or m["title"]
+    words = title.split()
+    if len(words) > 6:
+        title = " ".join(words[:5]) + "…"
+    year = f"'{m['year'][2:]}" if m["year"] != "n/a" else "n/a"
+    return f"{title} {year} | {genres}"
+
+
+def item_line(item: str, cat: Catalogue, note: str | None = None) -> str:
+    line = f"{cat.sid[item]} {label(cat.name[item], cat.caption[item])}"
+    return f"{line} [{note}]" if note is not None else line
 
 
 def build_messages(
@@ -94,28 +96,27 @@ def build_messages(
     knowledge: bool = True,
     notes: Mapping[str, str] | None = None,
     target: str | None = None,
+    max_explanation_tokens: int = 64,
 ) -> list[dict[str, str]]:
     """Chat messages (system, user) for one slate; `target` given -> the targeted variant.
 
-    `notes`: per-candidate KP notes (e.g. co-watching counts), shown only with `knowledge`.
+    `notes`: per-candidate KP notes (co-watch counts), shown after the candidate only with
+    `knowledge`. The wording is kept short: a student prompt with 10 history items, 10
+    candidates and notes stays under 600 tokens (`docs/benchmarks.md`, prompt lengths).
     """
     n = len(candidates)
+    shown = notes if knowledge and notes else {}
     parts = [
-        "Watch history, oldest first:\n" + "\n".join(item_line(i, cat) for i in history),
-        "Candidates (in the retrieval model's order):\n"
-        + "\n".join(item_line(i, cat) for i in candidates),
+        "History, oldest first:\n" + "\n".join(item_line(i, cat) for i in history),
+        "Candidates, in retrieval order:\n"
+        + "\n".join(item_line(i, cat, shown.get(i)) for i in candidates),
     ]
     if knowledge:
-        block = KNOWLEDGE
-        if notes:
-            block += "\n" + "\n".join(
-                f"- {cat.sid[i]}: {notes[i]}" for i in candidates if i in notes
-            )
-        parts.append(block)
-    parts += [GUIDELINES.format(n=n), STEPS]
+        parts.append(KNOWLEDGE + (NOTES if shown else "") + ".")
+    parts.append(GUIDELINES.format(n=n) + " " + STEPS)
     if target is not None:
         parts.append(TARGET.format(target=cat.sid[target]))
-    parts.append(OUTPUT)
+    parts.append(OUTPUT.format(words=explanation_words(max_explanation_tokens)))
     return [
         {"role": "system", "content": ROLE.format(n=n)},
         {"role": "user", "content": "\n\n".join(parts)},
@@ -140,14 +141,21 @@ def student_messages(
         if cowatch is None:
             raise ValueError("prompt.cowatch_notes needs the training sequences' co-watch counts")
         notes = cowatch.notes(user_id, shown, cands)
-    return build_messages(shown, cands, cat, prompt.knowledge, notes)
+    return build_messages(
+        shown,
+        cands,
+        cat,
+        prompt.knowledge,
+        notes,
+        max_explanation_tokens=prompt.max_explanation_tokens,
+    )
 
 
 class CoWatch:
     """Item co-occurrence counts over the training split (each user's items[:n-2]).
 
-    For a user's slate, a candidate's note says how many training users watched it and how many
-    co-watches it has with the history shown, the user's own sequence excluded.
+    For a user's slate, a candidate's note says how many of the shown history's viewers also
+    watched it (`notes`).
     """
 
     def __init__(self, sequences: pl.DataFrame):
@@ -169,20 +177,21 @@ class CoWatch:
         self.counts = (x.T @ x).tocsr()
 
     def notes(self, user: str, history: Sequence[str], candidates: Sequence[str]) -> dict[str, str]:
+        """Per candidate: the share (in %) of the shown history's viewers who also watched it,
+        sum over h of co-watchers(c, h) / sum over h of viewers(h), the user's own sequence
+        excluded; two digits at most whatever the dataset's size."""
         own = self.user_items.get(user, set())
-        shown = [self.index[h] for h in history if h in self.index]
+        shown = [h for h in history if h in self.index]
+        cols = [self.index[h] for h in shown]
+        viewers = sum(int(self.counts[j, j]) - (h in own) for h, j in zip(shown, cols, strict=True))
+        mine = sum(1 for h in shown if h in own)  # the user's own co-watches of c with h
         out = {}
         for c in candidates:
             j = self.index.get(c)
-            if j is None:
-                out[c] = "no training user watched it"
-                continue
-            row = self.counts.getrow(j)
-            watched = int(row[0, j]) - (c in own)
-            co = int(row[0, shown].sum()) if shown else 0
-            if c in own:  # remove the user's own co-watches
-                co -= sum(1 for h in history if h in own and h in self.index)
-            out[c] = f"watched by {watched} training users; {co} co-watches with the history shown"
+            co = int(self.counts.getrow(j)[0, cols].sum()) if j is not None and cols else 0
+            if c in own:
+                co -= mine
+            out[c] = str(round(100 * co / viewers)) if viewers > 0 else "0"
         return out
 
 

@@ -8,10 +8,12 @@ from pathlib import Path
 import polars as pl
 
 
-def method_label(stage: str, knowledge: bool = True) -> str:
+def method_label(stage: str, knowledge: bool = True, answer: str = "free") -> str:
     """The results tables' name for a reranker stage: sft_targeted -> sft-targeted, with
-    ` kp-off` when its prompts had no domain-knowledge block (`prompt.knowledge` false)."""
-    return stage.replace("_", "-", 1) + ("" if knowledge else " kp-off")
+    ` kp-off` when its prompts had no domain-knowledge block (`prompt.knowledge` false), and the
+    answer method after it unless free (`sft-targeted constrained`, `sft-targeted scored`)."""
+    name = stage.replace("_", "-", 1) + ("" if knowledge else " kp-off")
+    return name if answer == "free" else f"{name} {answer}"
 
 
 def to_markdown(df: pl.DataFrame) -> str:

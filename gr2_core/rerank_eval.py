@@ -175,14 +175,15 @@ def run(
     log: Log = LOG,
 ) -> StageOutput:
     """A generative reranker's evaluation stage (`sft_eval_<mode>`, `rl_eval_<variant>`,
-    `midtrain_rerank_eval`): free answers, and answers with the list constrained to the slate,
+    `midtrain_rerank_eval`): answers by each of `cfg.eval_methods` (free, constrained, scored;
+    explanations budget-forced, `gr2_core.generation`),
     against the pre-ranker order on the same valid/test slates (`cfg.eval_slates` per split,
     conditional: target in the slate; end to end: coverage x conditional)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gr2_core.baselines import format_table
-    from gr2_core.sft import constrained_answers, generate_answers
+    from gr2_core.generation import HFEngine
 
     ev, label = inputs.bootstrap, inputs.label
     torch.set_num_threads(cfg.num_threads)
@@ -206,16 +207,21 @@ def run(
         def progress(done: int, total: int, s: str = split) -> None:
             log.info("%s eval %s: %d/%d slates", label, s, done, total)
 
-        texts, seconds = generate_answers(
-            lm, tok, prompts, cfg.eval_batch_size, cfg.max_new_tokens, progress
-        )
-        variants = [(label, texts, seconds)]
-        if cfg.constrained_answer:
-            slate_sids = [[cat.sid[c] for c in r["candidates"]] for r in rows.iter_rows(named=True)]
-            c_texts, c_secs = constrained_answers(lm, tok, prompts, slate_sids, texts)
-            # the constrained answer costs the free generation plus its own decoding
-            c_secs = [a + b for a, b in zip(seconds, c_secs, strict=True)]
-            variants.append((f"{label} constrained", c_texts, c_secs))
+        engine = HFEngine(lm, tok, cfg.eval_batch_size)
+        slate_sids = [[cat.sid[c] for c in r["candidates"]] for r in rows.iter_rows(named=True)]
+        shown = [
+            [cat.sid[h] for h in list(r["history"])[-prompt.history_items :]]
+            for r in rows.iter_rows(named=True)
+        ]
+        budget = prompt.max_explanation_tokens
+        variants = []
+        for method in cfg.eval_methods:
+            done = engine.run(prompts, slate_sids, method, budget, shown, progress)
+            name = label if method == "free" else f"{label} {method}"
+            variants.append((name, [c.text for c in done], [c.seconds for c in done]))
+            metrics[f"{split}/{name}.budget_closed_rate"] = float(
+                np.mean([c.forced_close for c in done])
+            )
         for method, answer_texts, secs in variants:
             scored = score_answers(answer_texts, rows, cat)
             extra = {
@@ -268,7 +274,8 @@ def run(
         f"# {inputs.title}\n\nconditional: slates with the target; end_to_end: all slates of the "
         f"split (coverage x conditional, both resampled for the interval); n: slates decoded; "
         f"value [95% bootstrap CI]; invalid answers count as misses; seconds = generation time "
-        f"per slate at batch {cfg.eval_batch_size}\n\n{to_markdown(pretty)}\n"
+        f"per slate at batch {cfg.eval_batch_size}; explanations budget-forced at "
+        f"{inputs.prompt.max_explanation_tokens} tokens\n\n{to_markdown(pretty)}\n"
     )
     (out / "metrics.md").write_text(markdown)
     log.info("%s eval:\n%s", label, markdown)

@@ -10,10 +10,12 @@ The bundle holds everything a request needs, so serving never reads the pipeline
 | `train_sequences.parquet` | training interactions, only when the prompt carries co-watch notes |
 
 A request is a user's history and the retriever's candidates (item ids). The prompt is the one of
-SFT, RL and evaluation (`gr2_core.prompts.student_messages` with the bundled `prompt` settings), the
-answer is decoded greedily; with `constrained` the recommendation list is then re-decoded as a
-permutation of the candidates' SIDs (`gr2_core.sft.constrained_answers`), so the list is always
-usable. An answer that fails the filter (`gr2_core.prompts.check_answer`) is reported as
+SFT, RL and evaluation (`gr2_core.prompts.student_messages` with the bundled `prompt` settings);
+the answer comes from the bundled `method` (`gr2_core.generation`, explanations budget-forced):
+`scored` (the default) orders the candidates by the model's probability of each as the first
+list item in one forward pass, `scored_explained` does so after a greedy explanation,
+`constrained` decodes the list as a permutation of the candidates' SIDs, `free` lets the model
+write it. An answer that fails the filter (`gr2_core.prompts.check_answer`) is reported as
 `valid = False` with its reason, and its list falls back to the input order.
 """
 
@@ -29,7 +31,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from data_contracts.config import PromptConfig
+from data_contracts.config import AnswerMethod, PromptConfig
 from gr2_core.catalogue import Catalogue
 from gr2_core.prompts import CoWatch, check_answer, student_messages
 
@@ -46,15 +48,19 @@ class RerankSettings(BaseModel):
 
     variant: str
     prompt: PromptConfig = PromptConfig()
-    max_new_tokens: int = 320
-    constrained: bool = True
+    method: AnswerMethod = "scored"
     batch_size: int = 8
 
     @model_validator(mode="before")
     @classmethod
     def _flat_prompt(cls, data: object) -> object:
-        """Bundles registered before the `prompt` section kept its fields at the top level."""
+        """Bundles registered before the `prompt` section kept its fields at the top level;
+        before budget forcing they also had `max_new_tokens` (the reasoning budget, in the
+        prompt settings, now bounds an answer), and before scoring mode `constrained`."""
         if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "max_new_tokens"}
+            if "constrained" in data:  # before scoring mode: constrained list or free answer
+                data["method"] = "constrained" if data.pop("constrained") else "free"
             flat = {k: data[k] for k in PromptConfig.model_fields if k in data}
             if flat:
                 data = {k: v for k, v in data.items() if k not in flat}
@@ -148,7 +154,7 @@ class Reranker:
     ) -> list[dict]:
         """One answer per request: `recommendations` (item ids, best first), `explanation`,
         `valid` and `reason` (the filter's verdict on the model's answer), `seconds`."""
-        from gr2_core.sft import constrained_answers, generate_answers
+        from gr2_core.generation import HFEngine
 
         requests = [
             check_request(i, h, c, self.cat.sid)
@@ -157,11 +163,13 @@ class Reranker:
         users = [str(u) if u is not None else "" for u in (user_ids or [""] * len(requests))]
         prompts = [self.messages(u, h, c) for u, (h, c) in zip(users, requests, strict=True)]
         s = self.settings
-        start = time.perf_counter()
-        texts, _ = generate_answers(self.model, self.tok, prompts, s.batch_size, s.max_new_tokens)
         slates = [[self.cat.sid[c] for c in cands] for _, cands in requests]
-        if s.constrained:
-            texts, _ = constrained_answers(self.model, self.tok, prompts, slates, texts)
+        start = time.perf_counter()
+        engine = HFEngine(self.model, self.tok, s.batch_size)
+        n = s.prompt.history_items
+        shown = [[self.cat.sid[h] for h in hist[-n:] if h in self.cat.sid] for hist, _ in requests]
+        done = engine.run(prompts, slates, s.method, s.prompt.max_explanation_tokens, shown)
+        texts = [c.text for c in done]
         took = time.perf_counter() - start
         out = []
         for (_, cands), slate, text in zip(requests, slates, texts, strict=True):

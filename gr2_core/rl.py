@@ -25,14 +25,16 @@ informative. The extension lives in one override of `_generate_and_score_complet
 parent does the generation, scoring and advantages for every round, this class only selects and
 concatenates groups.
 
-Also added (`SlateSIDProcessor`, `rl.slate_sids`): rollouts whose SIDs come from their slate,
-each once in the list, for students too small to copy SIDs reliably; the answer's JSON, order
-and length stay free, so the format reward still varies. This is "constrained-rollout DAPO":
-tokens the processor forced (the only token it allowed: list separators, the closing `"]}`,
-EOS, the rest of a SID once its prefix is unique) were not the policy's choice, so they are
-masked out of the loss (TRL's `tool_mask`, which masks the loss but not attention). Without the
-mask, a group with negative advantages would push down exactly the tokens that make a list
-valid. Tokens chosen among several allowed ones are scored under the unconstrained policy.
+Also added: every rollout is decoded by the answer machine (`gr2_core.decoding`), as evaluation
+and serving decode: the explanation is closed at the reasoning budget
+(`prompt.max_explanation_tokens`), and with `rl.slate_sids` the list is a permutation of the
+slate ("constrained-rollout DAPO"), for students too small to copy SIDs reliably. Tokens the
+machine forced (the only token it allowed: the answer's fixed segments, list separators, the
+closing `"]}`, EOS, the rest of a SID once its prefix is unique) were not the policy's choice, so
+they are masked out of the loss (TRL's `tool_mask`, which masks the loss but not attention).
+Without the mask, a group with negative advantages would push down exactly the tokens that make
+an answer valid. Tokens chosen among several allowed ones are scored under the unconstrained
+policy.
 
 Monitors, logged with TRL's metrics every step (and so to MLflow when `report_to` has it):
 each reward component (`rewards/<name>/mean`), `dynamic/zero_std_before` and `/after`,
@@ -57,10 +59,11 @@ import torch
 
 from data_contracts.config import PromptConfig, RLConfig
 from gr2_core.catalogue import Catalogue
-from gr2_core.constrained import SIDTrie
+from gr2_core.decoding import AnswerProcessor
+from gr2_core.generation import machines_for
 from gr2_core.metrics import ndcg_at_k
 from gr2_core.output import Log, StageOutput
-from gr2_core.prompts import SID_PATTERN, CoWatch, student_messages
+from gr2_core.prompts import CoWatch, student_messages
 from gr2_core.rerank_eval import eval_slates
 from gr2_core.rewards import (
     FormatReward,
@@ -69,10 +72,6 @@ from gr2_core.rewards import (
     completion_text,
     monitor,
 )
-
-# the answer's list as json.dumps writes it (gr2_core.sft.answer_segments): between SIDs, and
-# after the last one
-LIST_SEP, LIST_END = '", "', '"]}'
 
 
 def _pad_cat(tensors: list[torch.Tensor], value, left: bool) -> torch.Tensor:
@@ -130,85 +129,6 @@ def select_groups(outputs: list[dict], picks: list[tuple[int, int]], group: int,
     return merged
 
 
-class SlateSIDProcessor:
-    """Rollouts whose recommendation list is a permutation of their slate (HF `LogitsProcessor`).
-
-    Row i of the generation batch belongs to slate `slates[i]`. Outside a SID the model decodes
-    freely. From a generated `<|sid_begin|>` until the SID is complete, only tokens that keep
-    it a prefix of an allowed SID are kept: any SID of the row's slate in the explanation, and
-    after the `"recommendations"` key a slate SID the list does not hold yet. Once the model has
-    started the list with a SID, the list's punctuation is written for it, as the SFT answers
-    have it: `", "` and the next `<|sid_begin|>` while slate SIDs are left, `"]}` and EOS after
-    the last one (the registry's constrained decoding gives the same guarantee). The
-    explanation, whether and how the model opens the list, and the order of the SIDs stay the
-    model's choice: an answer can still be broken or cut off before its list, and copying the
-    input order is still the safe answer the unconditional reward pays for. What the constraint
-    removes is the malformed, invented, repeated or missing SID, which a small student writes in
-    most answers. `forced[row]` collects the completion positions where only one token was
-    allowed (the trainer masks them out of the loss).
-    """
-
-    def __init__(self, tok, slates: list[list[str]], begin_token: str = "<|sid_begin|>"):
-        self.tok = tok
-        self.begin = tok.convert_tokens_to_ids(begin_token)
-        if self.begin is None or self.begin == tok.unk_token_id:
-            raise ValueError(f"the tokenizer has no {begin_token!r} token (not a SID student?)")
-        if tok.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token to end a complete list with")
-        unique = sorted({s for slate in slates for s in slate})
-        self.ids = dict(zip(unique, tok(unique, add_special_tokens=False).input_ids, strict=True))
-        self.slates = [list(s) for s in slates]
-        # what follows a SID of the list (json.dumps' separators, as in the SFT answers)
-        self.next_sid = [*tok(LIST_SEP, add_special_tokens=False).input_ids, self.begin]
-        self.close = [*tok(LIST_END, add_special_tokens=False).input_ids, tok.eos_token_id]
-        # row -> (SID start, its trie, slate SIDs left after it: None outside the list)
-        self.open: dict[int, tuple[int, SIDTrie, int | None]] = {}
-        self.start: int | None = None  # the padded prompt length, seen at the first call
-        self.forced: list[set[int]] = [set() for _ in slates]  # row -> forced positions
-
-    def _trie(self, row: int, before: list[int]) -> tuple[SIDTrie, int | None]:
-        """The SIDs allowed for a SID starting after the generated tokens `before`, and how many
-        slate SIDs the list still lacks once it is written (None: not in the list)."""
-        slate = self.slates[row]
-        text = self.tok.decode(before, skip_special_tokens=False)
-        key = text.rfind('"recommendations"')
-        if key < 0:
-            return SIDTrie(self.ids[s] for s in slate), None
-        used = set(SID_PATTERN.findall(text[key:]))  # inside the list: each slate SID once
-        left = [s for s in slate if s not in used]
-        return SIDTrie(self.ids[s] for s in left or slate), max(len(left) - 1, 0)
-
-    def _only(self, scores: torch.FloatTensor, row: int, allowed: list[int], at: int) -> None:
-        keep = scores[row, allowed].clone()
-        scores[row] = float("-inf")
-        scores[row, allowed] = keep
-        if len(allowed) == 1:
-            self.forced[row].add(at)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        if input_ids.shape[0] != len(self.slates):
-            raise ValueError(f"{input_ids.shape[0]} rows for {len(self.slates)} slates")
-        for row, ids in enumerate(input_ids[:, self.start :].tolist()):
-            if not ids or self.begin not in ids:
-                continue
-            at = len(ids) - 1 - ids[::-1].index(self.begin)
-            if self.open.get(row, (None,))[0] != at:
-                self.open[row] = (at, *self._trie(row, ids[:at]))
-            _, trie, left = self.open[row]
-            sid = ids[at:]
-            allowed = trie.allowed(sid)
-            if allowed:  # inside an allowed SID
-                self._only(scores, row, allowed, len(ids))
-            elif left is not None:  # after a SID of the list: its punctuation
-                n = next(k for k in range(1, len(sid) + 1) if trie.allowed(sid[:k]) == [])
-                after = self.next_sid if left else self.close
-                if len(sid) - n < len(after):
-                    self._only(scores, row, [after[len(sid) - n]], len(ids))
-        return scores
-
-
 def dapo_trainer_class():
     """GRPOTrainer with dynamic sampling and the reranking monitors (TRL imported lazily)."""
     from trl import GRPOTrainer
@@ -220,7 +140,8 @@ def dapo_trainer_class():
         batch), `filter_on` (names of the reward functions whose weighted sum decides whether a
         group is informative: the task reward), `monitor_reward` (a `RerankReward` whose
         judgements feed the monitors), `rollout_log` (path of the JSONL of rollouts; None: none
-        written), `slate_sids` (constrained rollouts, forced tokens masked out of the loss).
+        written), `budget` (the reasoning budget every rollout is forced to), `slate_sids`
+        (the list constrained to the slate); forced tokens are masked out of the loss.
         """
 
         def __init__(
@@ -231,10 +152,12 @@ def dapo_trainer_class():
             filter_on: tuple[str, ...] = ("rerank",),
             monitor_reward: RerankReward | None = None,
             rollout_log: str | Path | None = None,
+            budget: int = 64,
             slate_sids: bool = False,
             **kwargs,
         ):
             super().__init__(*args, **kwargs)
+            self.budget = budget
             self.slate_sids = slate_sids
             self._slates: list[list[str]] | None = None
             if dynamic_sampling and self.accelerator.num_processes > 1:
@@ -257,22 +180,29 @@ def dapo_trainer_class():
             self.dynamic_history: list[dict] = []
             self._round_rewards: torch.Tensor | None = None
 
-        # -- rollouts whose SIDs come from their slate (SlateSIDProcessor) ----------------------
+        # -- budget-forced rollouts, the list optionally constrained to the slate ---------------
         def _generate_single_turn(self, prompt_ids, *args, **kwargs):
-            if not self.slate_sids or self._slates is None:
+            if self._slates is None:
                 return super()._generate_single_turn(prompt_ids, *args, **kwargs)
             if self.use_vllm or self.use_transformers_continuous_batching:
                 raise NotImplementedError(
-                    "slate-constrained rollouts use transformers' generate; set "
-                    "rl.slate_sids=false with vLLM or continuous batching"
+                    "budget-forced rollouts use transformers' generate; vLLM and continuous "
+                    "batching are not wired to the answer machine"
                 )
             if len(self._slates) != len(prompt_ids):
                 raise RuntimeError(f"{len(prompt_ids)} prompts for {len(self._slates)} slates")
             from transformers import LogitsProcessorList
 
-            slate_processor = SlateSIDProcessor(self._tokenizer, self._slates)
-            self._forced = slate_processor.forced
-            processor = LogitsProcessorList([slate_processor])
+            method = "constrained" if self.slate_sids else "free"
+            machines = machines_for(self._tokenizer, self._slates, method, self.budget)
+            longest = max(m.max_tokens() for m in machines)
+            if longest > self.max_completion_length:
+                raise ValueError(
+                    f"rl.max_completion_length ({self.max_completion_length}) is below the "
+                    f"longest answer the budget allows ({longest} tokens): raise it"
+                )
+            answer_processor = AnswerProcessor(machines)
+            processor = LogitsProcessorList([answer_processor])
             model = self.accelerator.unwrap_model(self.model)
             # TRL calls model.generate(**inputs, generation_config=...) and has no argument for
             # a logits processor: add it to that one call, then restore the method
@@ -281,6 +211,9 @@ def dapo_trainer_class():
             try:
                 return super()._generate_single_turn(prompt_ids, *args, **kwargs)
             finally:
+                self._forced = [
+                    {i for i, f in enumerate(row) if f} for row in answer_processor.forced
+                ]
                 if own is None:
                     del model.generate
                 else:
@@ -503,6 +436,7 @@ def train_dapo(
     report_to: tuple[str, ...] = (),
     callbacks: tuple = (),
     extra_rewards: tuple = (),
+    budget: int = 64,
 ):
     """DAPO from `model_dir` on `rows` (prompt, slate, target, prompt_index) with the
     conditional (GR2) or unconditional reward, resuming from the newest checkpoint in
@@ -541,6 +475,7 @@ def train_dapo(
         filter_on=("rerank", *(f.__name__ for f in extra_rewards)),
         monitor_reward=funcs[0],
         rollout_log=out_dir / "completions.jsonl",
+        budget=budget,
         slate_sids=cfg.slate_sids,
     )
     resume = resume_point(ckpt)
@@ -657,6 +592,7 @@ def run(
         frozenset(cat.sid.values()),
         conditional=conditional,
         report_to=tuple(report_to),
+        budget=inputs.prompt.max_explanation_tokens,
     )
     trainer.model.save_pretrained(out / "model", safe_serialization=True)
     tok.save_pretrained(out / "model")

@@ -1,8 +1,11 @@
 """Decoupled-weight SFT loss: reasoning tokens weighted lambda_r, answer tokens lambda_o.
 
-The assistant message is the answer JSON. Its tokens split into reasoning (the JSON up to and
-including the explanation) and answer (from `"recommendations"` to the end, plus EOS); prompt
-tokens are not trained. With per-token weights w_t (lambda_r, lambda_o, or 0):
+The assistant message is the answer JSON, tokenized segment by segment as the decoder writes it
+(`gr2_core.decoding`). Its tokens split into reasoning (the explanation) and answer (the fixed
+segments that open and close it, the SIDs and punctuation of the list, and EOS); prompt tokens
+are not trained. An explanation longer than the reasoning budget (`prompt.max_explanation_tokens`)
+is cut at its last sentence end within the budget, or the trace is dropped if it has none there.
+With per-token weights w_t (lambda_r, lambda_o, or 0):
 
     loss = sum_t w_t * CE_t / sum_t [w_t > 0]
 
@@ -17,30 +20,23 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
 
 from data_contracts.config import PromptConfig, SFTConfig
 from gr2_core.catalogue import Catalogue
+from gr2_core.decoding import ANSWER, REASONING, answer_ids, fit_explanation
+from gr2_core.generation import prompt_ids
 from gr2_core.output import Log, StageOutput
 from gr2_core.prompts import CoWatch, student_messages
 
 LOG = logging.getLogger(__name__)
-
-REASONING, ANSWER = "reasoning", "answer"
-
-
-def answer_segments(explanation: str, recommendations: list[str]) -> list[tuple[str, str]]:
-    """The assistant JSON as (text, kind) segments that concatenate to the compact JSON."""
-    head = '{"explanation": ' + json.dumps(explanation, ensure_ascii=False) + ", "
-    tail = '"recommendations": ' + json.dumps(recommendations, ensure_ascii=False) + "}"
-    return [(head, REASONING), (tail, ANSWER)]
 
 
 def token_weights(kinds: list[str | None], lambda_r: float, lambda_o: float) -> list[float]:
@@ -89,17 +85,14 @@ def encode_sample(
     lambda_r: float,
     lambda_o: float,
 ) -> dict[str, list]:
-    """Token ids, labels and weights of one chat sample: prompt (weight 0), then the assistant
-    JSON (reasoning segment lambda_r, answer segment lambda_o) and EOS (answer weight)."""
-    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    """Token ids, labels and weights of one chat sample: prompt (weight 0), then the answer's
+    segments tokenized one by one as the decoder writes them (`gr2_core.decoding`): the
+    explanation lambda_r, the fixed segments, SIDs and EOS lambda_o."""
+    ids = prompt_ids(tok, messages)
     kinds: list[str | None] = [None] * len(ids)
-    for text, kind in answer_segments(explanation, recommendations):
-        seg = tok(text, add_special_tokens=False)["input_ids"]
-        ids += seg
-        kinds += [kind] * len(seg)
-    ids.append(tok.eos_token_id)
-    kinds.append(ANSWER)
+    answer, answer_kinds = answer_ids(tok, explanation, recommendations)
+    ids += answer
+    kinds += answer_kinds
     weights = token_weights(kinds, lambda_r, lambda_o)
     labels = [t if k is not None else -100 for t, k in zip(ids, kinds, strict=True)]
     return {"input_ids": ids, "labels": labels, "weights": weights}
@@ -210,137 +203,6 @@ def train_sft(
 
 
 # -- evaluation -----------------------------------------------------------------------------
-def generate_answers(
-    model,
-    tok,
-    prompts: list[list[dict]],
-    batch_size: int,
-    max_new_tokens: int,
-    progress=None,
-) -> tuple[list[str], list[float]]:
-    """Greedy answers for chat prompts in left-padded batches; seconds per prompt (batch time /
-    batch size)."""
-    import time
-
-    side = tok.padding_side
-    tok.padding_side = "left"
-    texts, seconds = [], []
-    try:
-        for b in range(0, len(prompts), batch_size):
-            chunk = [
-                tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                for m in prompts[b : b + batch_size]
-            ]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                )
-            took = (time.perf_counter() - start) / len(chunk)
-            for row in out[:, enc["input_ids"].shape[1] :]:
-                texts.append(
-                    tok.decode(row, skip_special_tokens=False)
-                    .split(tok.eos_token)[0]
-                    .replace(tok.pad_token or "", "")
-                )
-                seconds.append(took)
-            if progress:
-                progress(len(texts), len(prompts))
-    finally:
-        tok.padding_side = side
-    return texts, seconds
-
-
-EXPLANATION_RE = re.compile(r'\{\s*"explanation"\s*:\s*"((?:[^"\\]|\\.)*)"')
-
-
-def _explanation(text: str) -> str:
-    """The explanation string of a (possibly unfinished) answer, or '' if there is none."""
-    m = EXPLANATION_RE.search(text)
-    if not m:
-        return ""
-    try:
-        return json.loads(f'"{m.group(1)}"')
-    except json.JSONDecodeError:
-        return m.group(1)
-
-
-def constrained_answer_list(model, tok, prefix_ids: list[int], slate: list[str]) -> list[str]:
-    """Greedy decoding of the recommendations, constrained to a permutation of `slate`.
-
-    `prefix_ids` ends just before the first SID (the answer's `"recommendations": ["`). At each
-    step only tokens that continue a SID of the slate not yet chosen are allowed (a trie over
-    their token ids); after a SID the separator tokens are appended as the training data had
-    them (`", "`, or `"]}` after the last). Returns the chosen SIDs in order.
-    """
-    from gr2_core.constrained import SIDTrie
-
-    sid_ids = {s: tok(s, add_special_tokens=False)["input_ids"] for s in slate}
-    sep = tok('", "', add_special_tokens=False)["input_ids"]
-    device = model.device
-    with torch.no_grad():
-        out = model(torch.tensor([prefix_ids], device=device), use_cache=True)
-        past, logits = out.past_key_values, out.logits[0, -1]
-        left, chosen = list(slate), []
-        while left:
-            trie = SIDTrie(sid_ids[s] for s in left)
-            got: list[int] = []
-            while True:
-                allowed = trie.allowed(got)
-                if not allowed:
-                    break
-                mask = torch.full_like(logits, float("-inf"))
-                mask[allowed] = 0
-                t = int((logits + mask).argmax())
-                got.append(t)
-                out = model(
-                    torch.tensor([[t]], device=device), past_key_values=past, use_cache=True
-                )
-                past, logits = out.past_key_values, out.logits[0, -1]
-            sid = next(s for s in left if sid_ids[s] == got)
-            chosen.append(sid)
-            left.remove(sid)
-            if left:
-                out = model(
-                    torch.tensor([sep], device=device), past_key_values=past, use_cache=True
-                )
-                past, logits = out.past_key_values, out.logits[0, -1]
-    return chosen
-
-
-def constrained_answers(
-    model, tok, prompts: list[list[dict]], slates: list[list[str]], free_texts: list[str]
-) -> tuple[list[str], list[float]]:
-    """Answers whose recommendation list is decoded constrained to the slate's SIDs.
-
-    The explanation is the one of the free answer (`free_texts`, from `generate_answers`; empty
-    if it has none); the list is then decoded by `constrained_answer_list` after the canonical
-    answer prefix, so every answer is a permutation of its slate. Returns (texts, seconds of the
-    constrained part per slate).
-    """
-    import time
-
-    texts, seconds = [], []
-    for messages, slate, free in zip(prompts, slates, free_texts, strict=True):
-        start = time.perf_counter()
-        explanation = _explanation(free)
-        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        head = answer_segments(explanation, [])[0][0]
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        ids += tok(head, add_special_tokens=False)["input_ids"]
-        ids += tok('"recommendations": ["', add_special_tokens=False)["input_ids"]
-        recs = constrained_answer_list(model, tok, ids, slate)
-        answer = {"explanation": explanation, "recommendations": recs}
-        texts.append(json.dumps(answer, ensure_ascii=False))
-        seconds.append(time.perf_counter() - start)
-    return texts, seconds
-
-
 @dataclass(frozen=True)
 class SFTInputs:
     mode: str  # the trace set: targeted or rejection
@@ -378,30 +240,46 @@ def run(
     cat = Catalogue.build(pl.read_parquet(inputs.items), pl.read_parquet(inputs.sid_map))
     prompt = inputs.prompt
     cowatch = CoWatch(pl.read_parquet(inputs.sequences)) if prompt.cowatch_notes else None
-    rows, dropped = [], 0
+    rows, dropped, cut, over_budget = [], 0, 0, 0
+    prompt_lengths, explanation_lengths = [], []
+    budget = prompt.max_explanation_tokens
     for r in accepted.iter_rows(named=True):
+        explanation = fit_explanation(tok, r["explanation"], budget)
+        if explanation is None:
+            over_budget += 1
+            continue
+        cut += explanation != r["explanation"].strip()
+        messages = student_messages(
+            r["history"], r["candidates"], cat, prompt, cowatch, r["user_id"]
+        )
         sample = encode_sample(
-            tok,
-            student_messages(r["history"], r["candidates"], cat, prompt, cowatch, r["user_id"]),
-            r["explanation"],
-            r["recommendations"],
-            cfg.lambda_r,
-            cfg.lambda_o,
+            tok, messages, explanation, r["recommendations"], cfg.lambda_r, cfg.lambda_o
         )
         if len(sample["input_ids"]) > cfg.max_length:
             dropped += 1
             continue
         rows.append(sample)
+        prompt_lengths.append(sample["weights"].index(next(w for w in sample["weights"] if w)))
+        explanation_lengths.append(sample["weights"].count(cfg.lambda_r))
     if not rows:
-        raise ValueError(f"sft_{mode}: every sample is longer than sft.max_length")
+        raise ValueError(
+            f"sft_{mode}: no trace left ({over_budget} with no sentence end within the "
+            f"{budget}-token reasoning budget, {dropped} longer than sft.max_length); raise "
+            "prompt.max_explanation_tokens or sft.max_length"
+        )
     lengths = [len(r["input_ids"]) for r in rows]
     log.info(
-        "sft_%s: %d samples (%d dropped as too long), mean %.0f tokens; lambda_r %.2f, "
-        "lambda_o %.2f",
+        "sft_%s: %d samples (%d cut to the %d-token reasoning budget at a sentence end, %d "
+        "dropped with no sentence end within it, %d dropped as too long), mean %.0f tokens "
+        "(prompt %.0f); lambda_r %.2f, lambda_o %.2f",
         mode,
         len(rows),
+        cut,
+        budget,
+        over_budget,
         dropped,
         sum(lengths) / len(lengths),
+        sum(prompt_lengths) / len(prompt_lengths),
         cfg.lambda_r,
         cfg.lambda_o,
     )
@@ -411,7 +289,14 @@ def run(
     tok.save_pretrained(out / "model")
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
     metrics = {"samples": float(len(rows)), "dropped_too_long": float(dropped)}
+    metrics |= {"cut_to_budget": float(cut), "dropped_over_budget": float(over_budget)}
     metrics["tokens"] = float(sum(lengths))
+    for name, values in (
+        ("prompt_tokens", prompt_lengths),
+        ("explanation_tokens", explanation_lengths),
+    ):
+        metrics[f"{name}_p50"] = float(np.percentile(values, 50))
+        metrics[f"{name}_max"] = float(max(values))
     final = [r for r in history if "train_runtime" in r]
     if final:
         metrics["train_seconds"] = final[-1]["train_runtime"]

@@ -97,10 +97,15 @@ def job_messages(
     mode: str,
     knowledge: bool,
     cowatch: CoWatch | None,
+    max_explanation_tokens: int = 64,
 ) -> list[dict[str, str]]:
+    """The teacher's prompt for one job: the student's, with the target in targeted mode, and
+    the same reasoning budget."""
     notes = cowatch.notes(job.user_id, job.history, job.candidates) if cowatch else None
     target = job.target if mode == "targeted" else None
-    return build_messages(job.history, job.candidates, cat, knowledge, notes, target)
+    return build_messages(
+        job.history, job.candidates, cat, knowledge, notes, target, max_explanation_tokens
+    )
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,7 @@ def run_shard(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     min_explanation_chars: int = 0,
+    max_explanation_tokens: int = 64,
 ) -> ShardResult:
     """Sample attempts for `jobs` until each is accepted or out of attempts, appending to `path`.
 
@@ -184,7 +190,10 @@ def run_shard(
     used = Counter(a.job_id for a in done)
     accepted = {a.job_id for a in done if a.accepted}
     start_count = len(done)
-    messages = {j.job_id: job_messages(j, cat, mode, knowledge, cowatch) for j in jobs}
+    messages = {
+        j.job_id: job_messages(j, cat, mode, knowledge, cowatch, max_explanation_tokens)
+        for j in jobs
+    }
     failed = 0
     with path.open("a", encoding="utf-8") as out:
         while True:
@@ -473,6 +482,7 @@ def sample_shard(shard: Shard, ctx: ShardContext, log: Log = log) -> ShardResult
         seed=ctx.cfg.seed,
         progress=progress,
         min_explanation_chars=ctx.cfg.min_explanation_chars,
+        max_explanation_tokens=ctx.prompt.max_explanation_tokens,
     )
     log.info("%s shard %d: %s", shard.mode, shard.index, result)
     return result

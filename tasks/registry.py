@@ -99,9 +99,8 @@ def frozen_set(config: PipelineConfig, candidates: Manifest, split: str = FROZEN
 
 
 def served_method(config: PipelineConfig, model: Manifest) -> str:
-    """The evaluation method the registered model serves: constrained list or free answer."""
-    label = method_label(model.stage, config.prompt.knowledge)
-    return f"{label} constrained" if config.sft.constrained_answer else label
+    """The evaluation row of the method the registered model serves (`sft.serve_method`)."""
+    return method_label(model.stage, config.prompt.knowledge, config.sft.serve_method)
 
 
 def evaluation_results(
@@ -225,8 +224,7 @@ def served_settings(config: PipelineConfig, model: Manifest) -> RerankSettings:
     return RerankSettings(
         variant=model.stage,
         prompt=config.prompt,
-        max_new_tokens=config.sft.max_new_tokens,
-        constrained=config.sft.constrained_answer,
+        method=config.sft.serve_method,
         batch_size=config.sft.eval_batch_size,
     )
 

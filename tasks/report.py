@@ -453,8 +453,12 @@ def write_docs(
                 "end_to_end = all slates of the split (the pre-ranker's coverage x conditional, "
                 "both resampled for the interval); n = slates decoded. Value [95% bootstrap "
                 "CI]; invalid answers count as misses; seconds = generation time per slate. "
-                "`constrained`: the list decoded as a permutation of the slate (what the "
-                f"registered model serves).\n\n{report.rerankers}",
+                "Decoding, every explanation budget-forced (`prompt.max_explanation_tokens`): "
+                "a bare name = free (the model writes the list); `constrained` = the list "
+                "decoded as a permutation of the slate; `scored` = the slate ordered by each "
+                "SID's probability as the first list item, no list decoded; `scored_explained` "
+                "= scored after an explanation. The registered model serves `sft.serve_method`."
+                f"\n\n{report.rerankers}",
                 "Results",
             )
     if midtrain_doc and report.midtrain:

@@ -1,7 +1,7 @@
 """Stages `sft_eval_<mode>` and `rl_eval_<variant>`: a generative reranker on valid/test slates.
 
-One task for every trained reranker (SFT per trace mode, RL per variant): free answers, answers
-whose list is decoded constrained to the slate, and the pre-ranker's order on the same slates
+One task for every trained reranker (SFT per trace mode, RL per variant): its answers by each of
+`sft.eval_methods` (free, constrained, scored), and the pre-ranker's order on the same slates
 (`sft.eval_slates` per split, conditional: target in the slate), with bootstrap CIs.
 """
 

@@ -3,7 +3,13 @@
 import pytest
 from pydantic import ValidationError
 
-from data_contracts.config import PROFILES_DIR, PipelineConfig, RLConfig, load_profile
+from data_contracts.config import (
+    PROFILES_DIR,
+    PipelineConfig,
+    RLConfig,
+    SFTConfig,
+    load_profile,
+)
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
@@ -209,7 +215,11 @@ def test_a_config_logged_before_the_prompt_section_reads_back():
     prompt = old.pop("prompt")
     old["teacher"] |= {k: prompt[k] for k in ("history_items", "knowledge", "cowatch_notes")}
     old["data"]["prompt_history"] = 5
+    old["sft"]["max_new_tokens"] = 96  # before budget forcing
     with pytest.raises(ValidationError, match="teacher.cowatch_notes moved to prompt"):
         PipelineConfig(**old)
-    assert PipelineConfig(**upgrade_logged(old)) == today
+    budget = today.prompt.model_copy(update={"max_explanation_tokens": 64})  # the default
+    assert PipelineConfig(**upgrade_logged(old)) == today.model_copy(update={"prompt": budget})
+    with pytest.raises(ValidationError, match="sft.max_new_tokens was removed"):
+        SFTConfig(max_new_tokens=96)
     assert "history_items" in old["teacher"]  # the logged dict itself is left as it was

@@ -127,9 +127,8 @@ def test_deploy_trigger_promote_rollback_and_serve(stack):
     assert client.get_logged_model(v1.source.removeprefix("models:/")).name == "reranker"
 
     # 2. a deliberately worse model: free decoding (no constrained list) -> invalid answers
-    worse = config.model_copy(
-        update={"sft": config.sft.model_copy(update={"constrained_answer": False})}
-    )
+    free = {"eval_methods": ["free"], "serve_method": "free"}
+    worse = config.model_copy(update={"sft": config.sft.model_copy(update=free)})
     _trigger(stack, pipeline, {"config": worse.model_dump(mode="json")})
     v2 = client.get_model_version(NAME, "2")
     assert v2.tags["gr2.promotion.decision"] == "refused"
@@ -139,7 +138,7 @@ def test_deploy_trigger_promote_rollback_and_serve(stack):
     # 3. a not-worse model registered without deciding, then the promotion deployment decides
     shorter = config.model_copy(
         update={
-            "sft": config.sft.model_copy(update={"max_new_tokens": 64}),
+            "prompt": config.prompt.model_copy(update={"max_explanation_tokens": 16}),
             "registry": config.registry.model_copy(update={"promote": False}),
         }
     )

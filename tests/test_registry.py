@@ -128,9 +128,8 @@ def _slates(n: int, seed: int) -> pl.DataFrame:
 
 @pytest.fixture
 def bundle(student, tmp_path):
-    settings = RerankSettings(
-        variant="sft_rejection", prompt=PromptConfig(history_items=3), max_new_tokens=16
-    )
+    prompt = PromptConfig(history_items=3, max_explanation_tokens=8)
+    settings = RerankSettings(variant="sft_rejection", prompt=prompt)
     return save_bundle(tmp_path / "bundle", student, _catalogue(), settings, _sequences())
 
 
@@ -140,10 +139,10 @@ def test_bundle_reranks_and_builds_the_training_prompt(bundle):
     reranker = Reranker(bundle)
     out = reranker.rerank([["i0", "i1"], []], [["i2", "i3", "i4"], ["i5", "i6"]], ["u0", "new"])
     assert [sorted(a["recommendations"]) for a in out] == [["i2", "i3", "i4"], ["i5", "i6"]]
-    assert all(a["valid"] and a["reason"] == "accepted" for a in out)  # constrained list
+    assert all(a["valid"] and a["reason"] == "accepted" for a in out)  # scored: always valid
     # the served prompt is the one SFT trained on and evaluation scored
     history, candidates = ["i0", "i1", "i2", "i3"], ["i4", "i5"]
-    prompt = PromptConfig(history_items=3)
+    prompt = PromptConfig(history_items=3, max_explanation_tokens=8)
     trained = student_messages(
         history, candidates, _catalogue(), prompt, CoWatch(_sequences()), "u1"
     )
@@ -154,10 +153,15 @@ def test_bundle_reranks_and_builds_the_training_prompt(bundle):
 
 
 def test_bundle_settings_from_before_the_prompt_section_still_load():
-    """A champion registered before `prompt` was its own section kept the fields flat."""
+    """A champion registered before `prompt` was its own section kept the fields flat, a
+    `max_new_tokens` that budget forcing replaced and a `constrained` flag that `method`
+    replaced: it keeps answering the way it was judged."""
     flat = {"variant": "sft_rejection", "history_items": 3, "knowledge": False, "max_new_tokens": 8}
-    settings = RerankSettings.model_validate_json(json.dumps(flat))
+    settings = RerankSettings.model_validate_json(json.dumps(flat | {"constrained": True}))
     assert settings.prompt == PromptConfig(history_items=3, knowledge=False)
+    assert settings.method == "constrained"
+    free = RerankSettings.model_validate_json(json.dumps(flat | {"constrained": False}))
+    assert free.method == "free"
     again = RerankSettings.model_validate_json(settings.model_dump_json())
     assert again == settings
 

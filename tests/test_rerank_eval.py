@@ -65,7 +65,7 @@ def inputs(student, tmp_path) -> rerank_eval.RerankEvalInputs:
         slates=tmp_path / "slates.parquet",
         label="sft-rejection",
         title="tiny",
-        prompt=PromptConfig(history_items=2),
+        prompt=PromptConfig(history_items=2, max_explanation_tokens=12),
         bootstrap=EvalConfig(bootstrap_samples=50),
     )
 
@@ -73,7 +73,7 @@ def inputs(student, tmp_path) -> rerank_eval.RerankEvalInputs:
 def test_evaluation_scores_free_constrained_and_input_order_on_the_same_slates(inputs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    cfg = SFTConfig(eval_slates=6, max_new_tokens=16, eval_batch_size=3, num_threads=1)
+    cfg = SFTConfig(eval_slates=6, eval_batch_size=3, num_threads=1)
     result = rerank_eval.run(inputs, cfg, out)
 
     assert set(result.files) == {"metrics", "answers", "report"}
@@ -81,7 +81,7 @@ def test_evaluation_scores_free_constrained_and_input_order_on_the_same_slates(i
     assert "answers.csv" in result.tables and "metrics.md" in result.texts
     answers = pl.read_parquet(out / "answers.parquet")
     slates = pl.read_parquet(inputs.slates)
-    methods = ["sft-rejection", "sft-rejection constrained", "preranker"]
+    methods = ["sft-rejection", "sft-rejection constrained", "sft-rejection scored", "preranker"]
     for split in ("valid", "test"):
         part = answers.filter(pl.col("split") == split)
         # the same 6 conditional slates (of 9 holding the target) for every method
@@ -97,6 +97,9 @@ def test_evaluation_scores_free_constrained_and_input_order_on_the_same_slates(i
         # the constrained list is always a permutation of the slate: valid, target ranked
         con = part.filter(pl.col("method") == "sft-rejection constrained")
         assert (con["reason"] == "accepted").all() and con["rank"].is_between(1, 4).all()
+        # so is the scored order (no list decoded)
+        scored = part.filter(pl.col("method") == "sft-rejection scored")
+        assert (scored["reason"] == "accepted").all() and scored["rank"].is_between(1, 4).all()
         # an invalid free answer counts as a miss
         free = part.filter(pl.col("method") == "sft-rejection")
         assert (free.filter(pl.col("reason") != "accepted")["rank"] == 0).all()
@@ -110,7 +113,7 @@ def test_evaluation_scores_free_constrained_and_input_order_on_the_same_slates(i
 def test_evaluation_needs_the_cowatch_sequences_only_when_the_prompt_shows_notes(inputs, tmp_path):
     from dataclasses import replace
 
-    cfg = SFTConfig(eval_slates=2, max_new_tokens=16, eval_batch_size=2, num_threads=1)
+    cfg = SFTConfig(eval_slates=2, eval_batch_size=2, num_threads=1)
     missing = tmp_path / "absent.parquet"
     no_notes = replace(inputs, sequences=missing, prompt=PromptConfig(cowatch_notes=False))
     out = tmp_path / "out"

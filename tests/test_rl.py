@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -11,7 +10,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_contracts.config import RLConfig
 from gr2_core.rl import (
-    SlateSIDProcessor,
     dapo_args,
     dapo_trainer_class,
     loss_mask_without,
@@ -20,10 +18,13 @@ from gr2_core.rl import (
     task_signal,
     train_dapo,
 )
-from gr2_core.semantic_ids.sidmap import encode_sid, sid_tokens
+from gr2_core.semantic_ids.sidmap import encode_sid
 from gr2_core.training import StopAfter
 
 SLATE = [encode_sid([i, 0]) for i in range(4)]
+# rollouts are budget-forced: a 4-token explanation, then the list (SIDs written as plain text
+# by this tokenizer, 25 tokens each); 136 tokens hold the longest answer the machine allows
+BUDGET, LIMIT = 4, 136
 
 
 class TextSpread:
@@ -60,7 +61,7 @@ def _cfg(**kw) -> RLConfig:
         prompts_per_step=2,
         max_steps=2,
         mini_batches=1,  # one optimizer step per rollout batch unless a test says otherwise
-        max_completion_length=16,
+        max_completion_length=LIMIT,
         overlong_cache=0,
         lr=1e-4,
         save_steps=1,
@@ -83,7 +84,7 @@ def _trainer(tiny, tmp_path, extra, **kw):
     from datasets import Dataset
 
     tok = _tok(tiny)
-    funcs, weights = reward_functions(frozenset(SLATE), (tok.eos_token_id,), True, 0.2, 16, 0)
+    funcs, weights = reward_functions(frozenset(SLATE), (tok.eos_token_id,), True, 0.2, LIMIT, 0)
     args = dapo_args(_cfg(), tmp_path / "ckpt")
     args.reward_weights = [*weights, 1.0]
     trainer = dapo_trainer_class()(
@@ -93,6 +94,7 @@ def _trainer(tiny, tmp_path, extra, **kw):
         train_dataset=Dataset.from_list(_rows()),
         processing_class=tok,
         monitor_reward=funcs[0],
+        budget=BUDGET,
         **kw,
     )
     trainer.model.train()
@@ -114,7 +116,10 @@ def test_dynamic_sampling_replaces_zero_variance_groups(tiny, tmp_path):
     assert (groups.abs().sum(dim=1) > 0).all()
     prompts = tok.batch_decode(out["prompt_ids"], skip_special_tokens=True)
     assert all("INFO" in p for p in prompts)
-    assert int(out["num_items_in_batch"]) == int(out["completion_mask"].sum())
+    # the tokens the answer machine forced (the opening, at least) are out of the loss
+    trained = out["completion_mask"] * out["tool_mask"]
+    assert int(out["num_items_in_batch"]) == int(trained.sum()) < int(out["completion_mask"].sum())
+    assert (out["tool_mask"][:, :5] == 0).all()  # `{"explanation": "` is written for the model
     # the monitors were logged from the rollouts
     metrics = trainer._metrics["train"]
     assert metrics["monitor/invalid_rate"] and metrics["dynamic/zero_std_before"] == [1.0]
@@ -208,6 +213,7 @@ def test_clip_higher_binds_with_several_optimizer_steps_per_rollout_batch(tiny, 
             tok,
             frozenset(SLATE),
             extra_rewards=(TextSpread(),),
+            budget=BUDGET,
         )
         rows = [r for r in history if "clip_ratio/region_mean" in r]
         assert len(rows) == 2
@@ -269,12 +275,13 @@ def test_dapo_runs_a_few_steps_and_resumes_after_a_crash(tiny, tmp_path):
             known,
             callbacks=(StopAfter(3),),
             extra_rewards=(TextSpread(),),
+            budget=BUDGET,
         )
     assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
     log = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert {r["step"] for r in log} == {0, 1, 2}
     trainer, history = train_dapo(
-        tiny, _rows(), tmp_path, cfg, tok, known, extra_rewards=(TextSpread(),)
+        tiny, _rows(), tmp_path, cfg, tok, known, extra_rewards=(TextSpread(),), budget=BUDGET
     )
     assert trainer.state.global_step == 3
     log = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
@@ -285,67 +292,6 @@ def test_dapo_runs_a_few_steps_and_resumes_after_a_crash(tiny, tmp_path):
         "rewards/rerank/mean" in r and "dynamic/zero_std_after" in r for r in logged
     )
     assert all(r["reason"] for r in log) and all(r["reward"] == r["reward"] for r in log)
-
-
-def test_slate_sid_processor_makes_the_list_a_permutation_of_the_slate(tokenizer):
-    tok = copy.deepcopy(tokenizer)
-    tok.add_tokens(sid_tokens(2, [8, 8]))
-    slates = [[encode_sid([1, 2]), encode_sid([1, 3]), encode_sid([4, 0])]] * 5
-    proc = SlateSIDProcessor(tok, slates)
-    ids = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
-    tid = tok.convert_tokens_to_ids
-    vocab = len(tok)
-    prompt = ids("rank these")
-
-    def allowed(*generated: str | list[int]) -> list[set[int]]:
-        rows = [prompt + (g if isinstance(g, list) else ids(g)) for g in generated]
-        width = max(map(len, rows))
-        batch = torch.tensor([[tok.pad_token_id or 0] * (width - len(r)) + r for r in rows])
-        p = SlateSIDProcessor(tok, slates[: len(rows)])
-        p.start = len(prompt)  # what the first call would see (the rows' own padding aside)
-        out = p(batch, torch.zeros(len(rows), vocab))
-        return [set(torch.nonzero(torch.isfinite(r)).flatten().tolist()) for r in out]
-
-    # outside a SID: free; after <|sid_begin|>: the first codes of the slate's SIDs
-    free, first = allowed('{"explanation": "x', '{"explanation": "<|sid_begin|>')
-    assert len(free) == vocab
-    assert first == {tid("<s_a_1>"), tid("<s_a_4>")}
-    # in the explanation a SID may be cited again; in the list each slate SID once
-    head = '{"explanation": "x", "recommendations": ["'
-    cited, listed = allowed(
-        f'{{"explanation": "{slates[0][0]} <|sid_begin|><s_a_1>',
-        f'{head}{slates[0][0]}", "<|sid_begin|><s_a_1>',
-    )
-    assert cited == {tid("<s_b_2>"), tid("<s_b_3>")}
-    assert listed == {tid("<s_b_3>")}
-    # after a SID of the explanation the model is free; in the list the punctuation is forced:
-    # '", "' and the next <|sid_begin|> while SIDs are left, '"]}' and EOS after the last
-    sep, end = ids('", "'), ids('"]}')
-    one = ids(head + slates[0][2])
-    three = ids(f'{head}{slates[0][2]}", "{slates[0][0]}", "{slates[0][1]}')
-    cited_done, *after_one = allowed(
-        f'{{"explanation": "{slates[0][1]}', *(one + sep[:k] for k in range(len(sep) + 1))
-    )
-    assert len(cited_done) == vocab
-    assert after_one == [{t} for t in [*sep, tid("<|sid_begin|>")]]
-    after_three = allowed(*(three + end[:k] for k in range(len(end) + 1)))
-    assert after_three == [{t} for t in [*end, tok.eos_token_id]]
-    (done,) = allowed(three + end + [tok.eos_token_id])
-    assert len(done) == vocab  # finished (generate pads the row from here)
-    # the processor records where it forced the only allowed token (masked out of the loss)
-    for generated, forced in (
-        (one, {len(one)}),  # the separator after a listed SID
-        (ids('{"explanation": "x'), set()),  # free text
-        (ids('{"explanation": "<|sid_begin|>'), set()),  # a choice between two first codes
-    ):
-        p = SlateSIDProcessor(tok, slates[:1])
-        p.start = len(prompt)
-        p(torch.tensor([prompt + generated]), torch.zeros(1, vocab))
-        assert p.forced == [forced]
-    with pytest.raises(ValueError, match="rows for"):
-        proc(torch.tensor([prompt]), torch.zeros(1, vocab))
-    with pytest.raises(ValueError, match="no '<\\|sid_begin\\|>' token"):
-        SlateSIDProcessor(tokenizer, slates)
 
 
 def test_rl_training_table_and_curves_report_the_steps(tmp_path):

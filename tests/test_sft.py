@@ -43,16 +43,14 @@ def test_sample_weights_follow_the_segments(tokenizer):
     assert tokenizer.decode(prompt).endswith("assistant\n")
     assert all(y == -100 for y, x in zip(labels, w, strict=True) if x == 0)
     assert all(y == t for t, y, x in zip(ids, labels, w, strict=True) if x > 0)
-    head = tokenizer.decode(reasoning)
-    assert head == '{"explanation": ' + json.dumps(EXPLANATION) + ", "
-    assert tokenizer.decode(answer) == '"recommendations": ' + json.dumps(RECS) + "}" + (
-        tokenizer.eos_token
-    )
+    # reasoning: the explanation's escaped body; answer: everything around it and EOS
+    assert tokenizer.decode(reasoning) == json.dumps(EXPLANATION)[1:-1]
+    assert answer[-1] == tokenizer.eos_token_id
     # the trained part, decoded, is exactly the assistant's JSON (+ EOS)
-    assert json.loads(tokenizer.decode(reasoning + answer[:-1])) == {
-        "explanation": EXPLANATION,
-        "recommendations": RECS,
-    }
+    trained = [t for t, x in zip(ids, w, strict=True) if x > 0]
+    assert tokenizer.decode(trained[:-1]) == json.dumps(
+        {"explanation": EXPLANATION, "recommendations": RECS}
+    )
 
 
 def _rows(tokenizer, n: int = 6) -> list[dict]:
@@ -246,25 +244,3 @@ def test_end_to_end_rows_report_the_decoded_slates_and_resample_the_coverage():
         0, named=True
     )
     assert w["ci_high"] - w["ci_low"] > 2 * (r1["ci_high"] - r1["ci_low"])
-
-
-def test_constrained_answer_is_a_permutation_of_the_slate(tiny, tmp_path):
-    from gr2_core.models import export_student
-    from gr2_core.prompts import check_answer
-    from gr2_core.semantic_ids.sidmap import encode_sid
-    from gr2_core.sft import constrained_answers
-
-    folder = export_student(tmp_path / "student", source=str(tiny), levels=2, sizes=[4, 4])
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    slate = [encode_sid([a, b]) for a, b in ((0, 1), (0, 2), (3, 1), (2, 2))]
-    prompt = [{"role": "user", "content": "Rank " + " ".join(slate)}]
-    free = ['{"explanation": "a \\"quoted\\" reason", "recommendations": [', "garbage"]
-    texts, seconds = constrained_answers(model, tok, [prompt, prompt], [slate, slate], free)
-    assert len(seconds) == 2
-    valid = frozenset(slate)
-    for text, explanation in zip(texts, ['a "quoted" reason', ""], strict=True):
-        verdict = check_answer(text, slate, valid)
-        assert verdict.accepted, (verdict.reason, text)
-        assert sorted(verdict.answer.recommendations) == sorted(slate)
-        assert verdict.answer.explanation == explanation

@@ -37,7 +37,7 @@ def _sequences(rows: dict[str, list[str]]) -> pl.DataFrame:
     )
 
 
-def test_cowatch_notes_count_training_users_and_exclude_the_user_itself():
+def test_cowatch_notes_are_the_share_of_the_history_viewers_and_exclude_the_user():
     # training part = items[:n-2]: u1 {a,b,c}, u2 {a,b,d}, u3 {b,c,d}
     seqs = _sequences(
         {
@@ -48,12 +48,12 @@ def test_cowatch_notes_count_training_users_and_exclude_the_user_itself():
     )
     cw = tr.CoWatch(seqs)
     notes = cw.notes("u1", ["a", "b"], ["c", "d", "zz"])
-    # c: watched by u1, u3 -> 1 other user; co-watches with a (u1 only -> 0 others) and b (u1, u3
-    # -> 1 other): 1
-    assert notes["c"] == "watched by 1 training users; 1 co-watches with the history shown"
-    # d: u2, u3; with a: u2 (1), with b: u2, u3 (2) -> 3; u1 never watched d
-    assert notes["d"] == "watched by 2 training users; 3 co-watches with the history shown"
-    assert notes["zz"] == "no training user watched it"
+    # viewers of the history, u1 left out: a by u2, b by u2 and u3 -> 3
+    # c: co-watched with a by nobody else, with b by u3 -> 1 of 3 = 33%
+    assert notes["c"] == "33"
+    # d: with a by u2, with b by u2 and u3 -> 3 of 3; u1 never watched d
+    assert notes["d"] == "100"
+    assert notes["zz"] == "0"
     # the valid/test items never count
     assert "v1" not in cw.index and "t3" not in cw.index
 

@@ -1,0 +1,240 @@
+"""Answers from a reranker: budget-forced generation on a transformers model.
+
+Every method of answering a slate goes through `AnswerMachine` (`gr2_core.decoding`), so the
+explanation is always closed within the reasoning budget and the list always opened:
+
+- `free`: the model writes the list itself (closed for it after a generous length);
+- `constrained`: the list is decoded among the slate's SIDs, a permutation by construction, and
+  a SID the explanation cites is one of the slate's or the shown history's;
+- `scored` (FIRST, arXiv 2406.15657): the list is not decoded; the slate is ordered by the
+  model's log-probability of each candidate's SID as the first list item, after the opened list
+  (and, optionally, a budget-forced explanation), in one forward pass over the shared prefix.
+
+`HFEngine` runs the machines inside `model.generate` (left-padded batches, one logits processor
+per batch): greedy for evaluation and serving, sampled for RL rollouts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gr2_core.decoding import AnswerMachine, AnswerProcessor, AnswerTokens, answer_text
+
+METHODS = ("free", "constrained")  # decoded lists; `scored` ranks without decoding one
+SCORED = ("scored", "scored_explained")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One decoded answer: its text (EOS removed), token ids (EOS kept), per-token forced flags,
+    whether the budget closed the explanation, and its share of the batch's wall time."""
+
+    text: str
+    token_ids: list[int]
+    forced: list[bool]
+    forced_close: bool
+    seconds: float
+    scores: list[float] | None = None  # scoring mode: per slate SID, in slate order
+
+
+def prompt_ids(tok, messages: list[dict]) -> list[int]:
+    """The chat prompt's token ids, generation prompt included."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def sid_ids(tok, sids: Sequence[str]) -> list[list[int]]:
+    return [tok(s, add_special_tokens=False)["input_ids"] for s in sids]
+
+
+def machines_for(
+    tok,
+    slates: Sequence[Sequence[str]],
+    method: str,
+    budget: int,
+    histories: Sequence[Sequence[str]] | None = None,
+) -> list[AnswerMachine]:
+    """One machine per slate; a free list may take the slate's own list length plus 8 tokens.
+    `histories`: per slate, the SIDs of the history shown, citable under `constrained`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown decoding method {method!r}; one of {METHODS}")
+    fmt = AnswerTokens.of(tok)
+    out = []
+    for i, slate in enumerate(slates):
+        ids = sid_ids(tok, slate)
+        length = sum(map(len, ids)) + (len(ids) - 1) * len(fmt.sep) + len(fmt.end) + 8
+        if method == "free":
+            out.append(AnswerMachine(fmt, budget, None, list_budget=length))
+            continue
+        cite = ids + sid_ids(tok, histories[i]) if histories is not None else ids
+        out.append(AnswerMachine(fmt, budget, ids, list_budget=length, cite=cite))
+    return out
+
+
+class HFEngine:
+    """Budget-forced answers from a transformers causal LM, `batch_size` rows per `generate`."""
+
+    def __init__(self, model, tok, batch_size: int = 8):
+        self.model, self.tok, self.batch_size = model, tok, batch_size
+
+    def complete(
+        self,
+        prompts: Sequence[Sequence[int]],
+        machines: Sequence[AnswerMachine],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Completion]:
+        """One completion per (prompt, machine) pair; temperature 0 decodes greedily."""
+        if len(prompts) != len(machines):
+            raise ValueError(f"{len(prompts)} prompts for {len(machines)} answer machines")
+        tok, out = self.tok, []
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        for b in range(0, len(prompts), self.batch_size):
+            rows = [list(p) for p in prompts[b : b + self.batch_size]]
+            batch = list(machines[b : b + self.batch_size])
+            width = max(map(len, rows))
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            processor = AnswerProcessor(batch)
+            sampling = {"do_sample": False}
+            if temperature > 0:
+                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+            start = time.perf_counter()
+            with torch.no_grad():
+                gen = self.model.generate(
+                    input_ids=ids.to(self.model.device),
+                    attention_mask=mask.to(self.model.device),
+                    logits_processor=[processor],
+                    max_new_tokens=max(m.max_tokens() for m in batch),
+                    pad_token_id=pad,
+                    eos_token_id=tok.eos_token_id,
+                    **sampling,
+                )
+            took = (time.perf_counter() - start) / len(rows)
+            eos = tok.eos_token_id
+            for row, m, forced in zip(
+                gen[:, width:].tolist(), batch, processor.forced, strict=True
+            ):
+                n = row.index(eos) + 1 if eos in row else len(row)  # up to and with EOS
+                text = tok.decode(row[: n - 1] if row[n - 1] == eos else row[:n])
+                out.append(Completion(text, row[:n], forced[:n], m.forced_close, took))
+            if progress:
+                progress(len(out), len(prompts))
+        return out
+
+    def answers(
+        self,
+        messages: Sequence[list[dict]],
+        slates: Sequence[Sequence[str]],
+        method: str,
+        budget: int,
+        progress: Callable[[int, int], None] | None = None,
+        histories: Sequence[Sequence[str]] | None = None,
+    ) -> list[Completion]:
+        """Greedy answers to chat prompts by `method` (free or constrained list); `histories`:
+        the SIDs of each prompt's history (citable under `constrained`)."""
+        prompts = [prompt_ids(self.tok, m) for m in messages]
+        machines = machines_for(self.tok, slates, method, budget, histories)
+        return self.complete(prompts, machines, progress=progress)
+
+    def run(
+        self,
+        messages: Sequence[list[dict]],
+        slates: Sequence[Sequence[str]],
+        method: str,
+        budget: int,
+        histories: Sequence[Sequence[str]] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Completion]:
+        """Answers by any method of `data_contracts.config.ANSWER_METHODS`."""
+        if method in SCORED:
+            explain = budget if method == "scored_explained" else 0
+            return self.scores(messages, slates, explain, histories, progress)
+        return self.answers(messages, slates, method, budget, progress, histories)
+
+    def scores(
+        self,
+        messages: Sequence[list[dict]],
+        slates: Sequence[Sequence[str]],
+        budget: int = 0,
+        histories: Sequence[Sequence[str]] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Completion]:
+        """Scoring mode: each slate ordered by log P(SID as the first list item | prefix). With
+        `budget` > 0 the prefix holds a greedy, budget-forced explanation (citations from the
+        slate and `histories`); with 0 it is the opened answer with an empty explanation. The
+        completion's text is the answer written out: valid by construction."""
+        prompts = [prompt_ids(self.tok, m) for m in messages]
+        fmt = AnswerTokens.of(self.tok)
+        explanations = [""] * len(prompts)
+        heads = [[*p, *fmt.open, *fmt.close] for p in prompts]
+        seconds = [0.0] * len(prompts)
+        if budget > 0:
+            machines = machines_for(self.tok, slates, "constrained", budget, histories)
+            for m in machines:
+                m.stop_after_close = True
+            done = self.complete(prompts, machines)
+            for i, c in enumerate(done):
+                ids = c.token_ids[:-1]  # EOS written after the closed explanation
+                heads[i] = [*prompts[i], *ids]
+                body = ids[len(fmt.open) : len(ids) - len(fmt.close)]
+                explanations[i] = json.loads('"' + self.tok.decode(body) + '"')
+                seconds[i] = c.seconds
+        out = []
+        for b in range(0, len(prompts), self.batch_size):
+            chunk = range(b, min(b + self.batch_size, len(prompts)))
+            start = time.perf_counter()
+            logp = self._first_item_logprobs([heads[i] for i in chunk], [slates[i] for i in chunk])
+            took = (time.perf_counter() - start) / len(chunk)
+            for i, values in zip(chunk, logp, strict=True):
+                order = sorted(range(len(values)), key=lambda k: -values[k])
+                ranked = [slates[i][k] for k in order]
+                text = answer_text(explanations[i], ranked)
+                out.append(Completion(text, [], [], False, seconds[i] + took, values))
+            if progress:
+                progress(len(out), len(prompts))
+        return out
+
+    def _first_item_logprobs(
+        self, heads: list[list[int]], slates: Sequence[Sequence[str]]
+    ) -> list[list[float]]:
+        """Per head, per slate SID: the summed log-probability of its tokens right after the
+        head. One forward over the left-padded heads (logits of the last position only), the
+        KV cache repeated per candidate, one forward over the candidates' SID tokens."""
+        tok, model = self.tok, self.model
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(map(len, heads))
+        ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads], device=model.device)
+        mask = torch.tensor(
+            [[0] * (width - len(h)) + [1] * len(h) for h in heads], device=model.device
+        )
+        cands = [sid_ids(tok, s) for s in slates]
+        per_row = [len(c) for c in cands]
+        flat = [c for row in cands for c in row]
+        length = max(map(len, flat))
+        sids = torch.tensor([c + [pad] * (length - len(c)) for c in flat], device=model.device)
+        valid = torch.tensor([[1] * len(c) + [0] * (length - len(c)) for c in flat])
+        rows = torch.repeat_interleave(torch.arange(len(heads)), torch.tensor(per_row))
+        with torch.no_grad():
+            first = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            cache = first.cache  # transformers 5: `cache` (was `past_key_values`)
+            cache.batch_select_indices(rows.to(model.device))  # one copy of a head per candidate
+            full = torch.cat([mask[rows], valid.to(model.device)], dim=1)
+            rest = model(input_ids=sids, attention_mask=full, cache=cache)
+        lead = torch.log_softmax(first.logits[:, -1].float(), dim=-1)[rows]  # (N, V)
+        logits = torch.log_softmax(rest.logits[:, :-1].float(), dim=-1)  # predicts tokens 1..
+        score = lead.gather(1, sids[:, :1]).squeeze(1)
+        if length > 1:
+            nxt = logits.gather(2, sids[:, 1:].unsqueeze(2)).squeeze(2)
+            score = score + (nxt * valid[:, 1:].to(nxt.device)).sum(dim=1)
+        out, k = [], 0
+        for n in per_row:
+            out.append(score[k : k + n].tolist())
+            k += n
+        return out
