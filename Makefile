@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install teacher-env run ctc test test-fast ui ui-stop serve screenshots lint bench bench-teacher bench-rl clean
+.PHONY: install teacher-env run ctc test test-fast ui ui-stop serve screenshots lint bench bench-teacher bench-rl bench-generation clean
 
 $(BIN)/.installed: pyproject.toml requirements-data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -93,6 +93,10 @@ bench-teacher: install teacher-env .venv-llamacpp/.installed
 # DAPO step cost on this CPU (needs a finished `make run` for its SFT-rejection student)
 bench-rl: install
 	$(BIN)/python benchmarks/rl_step.py --steps 2 --max-rounds 0 --doc docs/benchmarks.md
+
+# transformers vs the vLLM engine on the same student prompts; scoring-mode latency
+bench-generation: install teacher-env
+	$(BIN)/python benchmarks/generation.py --doc docs/benchmarks.md
 
 clean:
 	rm -rf var

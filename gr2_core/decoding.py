@@ -201,6 +201,17 @@ class AnswerMachine:
             return (self.fmt.eos,)
         return self._strict
 
+    def free_run(self) -> tuple[int, tuple[int, ...]]:
+        """When `allowed()` is None, for an engine that samples several tokens per call: how
+        many may come before the machine intervenes, and the tokens that end the stretch (the
+        machine changes state after them; the engine stops there, the token included)."""
+        if self.phase == "explain":
+            stops = (self.fmt.close[0],)
+            if self.cite is not None:
+                stops += (self.fmt.sid_begin,)
+            return max(self.budget - self.explained, 1), stops
+        return max(self.list_budget - self.listed, 1), (self.fmt.eos,)
+
     def allowed(self) -> tuple[int, ...] | None:
         if self.queue:
             return (self.queue[0],)

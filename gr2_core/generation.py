@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -76,57 +77,18 @@ def machines_for(
     return out
 
 
-class HFEngine:
-    """Budget-forced answers from a transformers causal LM, `batch_size` rows per `generate`."""
+class Engine:
+    """What every backend shares: answers by method, scoring mode on top of `complete` and
+    `_first_item_logprobs`, which a backend provides."""
 
-    def __init__(self, model, tok, batch_size: int = 8):
-        self.model, self.tok, self.batch_size = model, tok, batch_size
+    tok = None
+    batch_size = 8
 
-    def complete(
-        self,
-        prompts: Sequence[Sequence[int]],
-        machines: Sequence[AnswerMachine],
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Completion]:
-        """One completion per (prompt, machine) pair; temperature 0 decodes greedily."""
-        if len(prompts) != len(machines):
-            raise ValueError(f"{len(prompts)} prompts for {len(machines)} answer machines")
-        tok, out = self.tok, []
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        for b in range(0, len(prompts), self.batch_size):
-            rows = [list(p) for p in prompts[b : b + self.batch_size]]
-            batch = list(machines[b : b + self.batch_size])
-            width = max(map(len, rows))
-            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-            processor = AnswerProcessor(batch)
-            sampling = {"do_sample": False}
-            if temperature > 0:
-                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-            start = time.perf_counter()
-            with torch.no_grad():
-                gen = self.model.generate(
-                    input_ids=ids.to(self.model.device),
-                    attention_mask=mask.to(self.model.device),
-                    logits_processor=[processor],
-                    max_new_tokens=max(m.max_tokens() for m in batch),
-                    pad_token_id=pad,
-                    eos_token_id=tok.eos_token_id,
-                    **sampling,
-                )
-            took = (time.perf_counter() - start) / len(rows)
-            eos = tok.eos_token_id
-            for row, m, forced in zip(
-                gen[:, width:].tolist(), batch, processor.forced, strict=True
-            ):
-                n = row.index(eos) + 1 if eos in row else len(row)  # up to and with EOS
-                text = tok.decode(row[: n - 1] if row[n - 1] == eos else row[:n])
-                out.append(Completion(text, row[:n], forced[:n], m.forced_close, took))
-            if progress:
-                progress(len(out), len(prompts))
-        return out
+    def complete(self, prompts, machines, temperature=0.0, top_p=1.0, progress=None):
+        raise NotImplementedError
+
+    def _first_item_logprobs(self, heads, slates):
+        raise NotImplementedError
 
     def answers(
         self,
@@ -201,6 +163,59 @@ class HFEngine:
                 progress(len(out), len(prompts))
         return out
 
+
+class HFEngine(Engine):
+    """Budget-forced answers from a transformers causal LM, `batch_size` rows per `generate`."""
+
+    def __init__(self, model, tok, batch_size: int = 8):
+        self.model, self.tok, self.batch_size = model, tok, batch_size
+
+    def complete(
+        self,
+        prompts: Sequence[Sequence[int]],
+        machines: Sequence[AnswerMachine],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Completion]:
+        """One completion per (prompt, machine) pair; temperature 0 decodes greedily."""
+        if len(prompts) != len(machines):
+            raise ValueError(f"{len(prompts)} prompts for {len(machines)} answer machines")
+        tok, out = self.tok, []
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        for b in range(0, len(prompts), self.batch_size):
+            rows = [list(p) for p in prompts[b : b + self.batch_size]]
+            batch = list(machines[b : b + self.batch_size])
+            width = max(map(len, rows))
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            processor = AnswerProcessor(batch)
+            sampling = {"do_sample": False}
+            if temperature > 0:
+                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+            start = time.perf_counter()
+            with torch.no_grad():
+                gen = self.model.generate(
+                    input_ids=ids.to(self.model.device),
+                    attention_mask=mask.to(self.model.device),
+                    logits_processor=[processor],
+                    max_new_tokens=max(m.max_tokens() for m in batch),
+                    pad_token_id=pad,
+                    eos_token_id=tok.eos_token_id,
+                    **sampling,
+                )
+            took = (time.perf_counter() - start) / len(rows)
+            eos = tok.eos_token_id
+            for row, m, forced in zip(
+                gen[:, width:].tolist(), batch, processor.forced, strict=True
+            ):
+                n = row.index(eos) + 1 if eos in row else len(row)  # up to and with EOS
+                text = tok.decode(row[: n - 1] if row[n - 1] == eos else row[:n])
+                out.append(Completion(text, row[:n], forced[:n], m.forced_close, took))
+            if progress:
+                progress(len(out), len(prompts))
+        return out
+
     def _first_item_logprobs(
         self, heads: list[list[int]], slates: Sequence[Sequence[str]]
     ) -> list[list[float]]:
@@ -238,3 +253,223 @@ class HFEngine:
             out.append(score[k : k + n].tolist())
             k += n
         return out
+
+
+class EngineError(RuntimeError):
+    """The generation server failed or answered something the answer machine cannot use."""
+
+
+class VLLMEngine(Engine):
+    """Budget-forced answers and scores from a vLLM server's `/v1/completions`, with token ids
+    in and out (`return_token_ids`), so the answer machine drives the server exactly as it
+    drives `generate`: a free stretch is one request (`max_tokens` = what the machine lets run
+    free, `stop_token_ids` = where it changes state, banned tokens at -100 `logit_bias`); a
+    choice among several tokens is one request of one token (`allowed_token_ids`); a forced
+    token costs no request. Every request resends the prompt so far, and the server's prefix
+    cache makes that a lookup, not a prefill: a group of rollouts of one prompt shares its
+    prefill. Scoring asks, per node of the slate's SID trie, for the log-probabilities of the
+    node's children (`logprob_token_ids`), one token per request, all of a slate at once.
+    `concurrency` requests are in flight (the server batches them)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        tok,
+        concurrency: int = 16,
+        timeout_s: float = 300.0,
+        retry=None,
+    ):
+        from gr2_core.teacher import Retry
+
+        base = base_url.rstrip("/")
+        self.base_url = base if base.endswith("/v1") else f"{base}/v1"
+        self.model, self.tok, self.concurrency = model, tok, concurrency
+        self.batch_size = concurrency
+        self.timeout_s = timeout_s
+        self.retry = retry or Retry()
+
+    # -- transport ----------------------------------------------------------------------------
+    def _gather(self, jobs: list) -> list:
+        """Run coroutine factories `job(client)` with `concurrency` in flight; results in order."""
+        import asyncio
+
+        import httpx
+
+        async def main():
+            limit = asyncio.Semaphore(self.concurrency)
+            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+
+                async def one(job):
+                    async with limit:
+                        return await job(client)
+
+                return await asyncio.gather(*(one(j) for j in jobs))
+
+        return asyncio.run(main())
+
+    async def _completion(self, client, body: dict) -> dict:
+        from gr2_core.teacher import post_retrying
+
+        url = f"{self.base_url}/completions"
+        answer = await post_retrying(client, url, body, self.retry, EngineError, "engine")
+        return answer["choices"][0]
+
+    # -- weights -------------------------------------------------------------------------------
+    def load_weights(self, model, folder: str | Path) -> float:
+        """Serve `model`'s current weights: write them to `folder` (safetensors), have every
+        worker re-read them (`/collective_rpc` `reload_weights`), and drop the prefix cache,
+        whose keys and values came from the old weights. The server must run with
+        `VLLM_SERVER_DEV_MODE=1` (`serving.vllm_env(dev_mode=True)`). Returns the seconds taken."""
+        import httpx
+
+        start = time.perf_counter()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder, safe_serialization=True)
+        root = self.base_url.removesuffix("/v1")
+        with httpx.Client(timeout=self.timeout_s) as client:
+            for path, body in (
+                (
+                    "/collective_rpc",
+                    {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}},
+                ),
+                ("/reset_prefix_cache", None),
+            ):
+                resp = client.post(root + path, json=body)
+                if resp.status_code != 200:
+                    raise EngineError(
+                        f"engine {root}{path} answered {resp.status_code}: {resp.text[:300]} "
+                        "(weight updates need the server started with VLLM_SERVER_DEV_MODE=1)"
+                    )
+        return time.perf_counter() - start
+
+    # -- answers ------------------------------------------------------------------------------
+    def complete(
+        self,
+        prompts: Sequence[Sequence[int]],
+        machines: Sequence[AnswerMachine],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        progress: Callable[[int, int], None] | None = None,
+        seed: int = 0,
+    ) -> list[Completion]:
+        if len(prompts) != len(machines):
+            raise ValueError(f"{len(prompts)} prompts for {len(machines)} answer machines")
+        done = [0]
+
+        def job(i: int):
+            async def run(client):
+                start = time.perf_counter()
+                out = await self._drive(
+                    client, list(prompts[i]), machines[i], temperature, top_p, seed + i
+                )
+                done[0] += 1
+                if progress:
+                    progress(done[0], len(prompts))
+                return out, time.perf_counter() - start
+
+            return run
+
+        start = time.perf_counter()
+        results = self._gather([job(i) for i in range(len(prompts))])
+        wall = (time.perf_counter() - start) / max(len(prompts), 1)
+        eos = self.tok.eos_token_id
+        out = []
+        for (ids, forced), m in zip((r[0] for r in results), machines, strict=True):
+            text = self.tok.decode(ids[:-1] if ids and ids[-1] == eos else ids)
+            out.append(Completion(text, ids, forced, m.forced_close, wall))
+        return out
+
+    async def _drive(self, client, prompt, m: AnswerMachine, temperature, top_p, seed):
+        ids: list[int] = []
+        forced: list[bool] = []
+        while not m.done:
+            allowed = m.allowed()
+            if allowed is not None and len(allowed) == 1:
+                ids.append(allowed[0])
+                forced.append(True)
+                m.push(allowed[0])
+                continue
+            body = {
+                "model": self.model,
+                "prompt": prompt + ids,
+                "temperature": temperature,
+                "top_p": top_p,
+                "seed": seed * 7919 + len(ids),
+                "return_token_ids": True,
+            }
+            if allowed is None:
+                limit, stops = m.free_run()
+                body |= {"max_tokens": limit, "stop_token_ids": list(stops)}
+                banned = m.banned()
+                if banned:
+                    body["logit_bias"] = {str(t): -100 for t in banned}
+            else:
+                body |= {"max_tokens": 1, "allowed_token_ids": list(allowed)}
+            choice = await self._completion(client, body)
+            got = list(choice.get("token_ids") or [])
+            if choice.get("finish_reason") == "stop":  # a stop token (or EOS) may be left out
+                stop = choice.get("stop_reason")
+                end = stop if isinstance(stop, int) else self.tok.eos_token_id
+                if not got or got[-1] != end:
+                    got.append(end)
+            if not got:
+                raise EngineError(f"the server returned no token: {json.dumps(choice)[:300]}")
+            for t in got:
+                if m.done:
+                    break
+                ids.append(t)
+                forced.append(False)
+                try:
+                    m.push(t)
+                except Exception as exc:
+                    raise EngineError(f"the server broke the answer's rules: {exc}") from exc
+        return ids, forced
+
+    # -- scoring ------------------------------------------------------------------------------
+    def _first_item_logprobs(
+        self, heads: list[list[int]], slates: Sequence[Sequence[str]]
+    ) -> list[list[float]]:
+        """Per head, per slate SID: the summed log-probability of its tokens after the head,
+        from one request per node of the slate's SID trie (the node's children scored with
+        `logprob_token_ids`). The head's own prefill is done once, before the rest."""
+        cands = [sid_ids(self.tok, s) for s in slates]
+        nodes: list[tuple[int, tuple[int, ...], list[int]]] = []  # (head, prefix, children)
+        for h, row in enumerate(cands):
+            children: dict[tuple[int, ...], set[int]] = {}
+            for sid in row:
+                for k in range(len(sid)):
+                    children.setdefault(tuple(sid[:k]), set()).add(sid[k])
+            nodes += [(h, p, sorted(c)) for p, c in children.items()]
+
+        def job(h: int, prefix: tuple[int, ...], kids: list[int]):
+            async def run(client):
+                body = {
+                    "model": self.model,
+                    "prompt": heads[h] + list(prefix),
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                    "logprobs": 0,
+                    "logprob_token_ids": kids,
+                    "return_tokens_as_token_ids": True,
+                }
+                choice = await self._completion(client, body)
+                top = (choice.get("logprobs") or {}).get("top_logprobs") or [None]
+                scores = {int(k.split(":", 1)[1]): v for k, v in (top[0] or {}).items()}
+                missing = [t for t in kids if t not in scores]
+                if missing:
+                    raise EngineError(f"no log-probability for tokens {missing[:5]} in {choice}")
+                return (h, prefix), scores
+
+            return run
+
+        roots = [n for n in nodes if not n[1]]
+        rest = [n for n in nodes if n[1]]
+        logp: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {}
+        for batch in (roots, rest):  # the heads' prefill first, then every node at once
+            logp |= dict(self._gather([job(*n) for n in batch]))
+        return [
+            [sum(logp[(h, tuple(sid[:k]))][sid[k]] for k in range(len(sid))) for sid in row]
+            for h, row in enumerate(cands)
+        ]

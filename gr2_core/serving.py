@@ -75,17 +75,24 @@ def vllm_command(
     ]
 
 
-def vllm_env(kv_cache_gib: int = 2, threads: str | None = None) -> dict[str, str]:
+def vllm_env(
+    kv_cache_gib: int = 2, threads: str | None = None, dev_mode: bool = False
+) -> dict[str, str]:
     """Environment for vLLM on CPU: a bounded KV cache (the default reserves 92% of RAM and
-    refuses to start beside other processes) and the cores to bind."""
+    refuses to start beside other processes) and the cores to bind. `dev_mode` opens the
+    endpoints that reload weights and reset the prefix cache (RL rollouts from the policy);
+    bind such a server to 127.0.0.1 only."""
     cores = threads or f"0-{max(0, (os.cpu_count() or 1) - 1)}"
-    return {
+    env = {
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         "VLLM_CPU_OMP_THREADS_BIND": cores,
         "HF_HUB_OFFLINE": "1",
         "DO_NOT_TRACK": "1",
         "VLLM_NO_USAGE_STATS": "1",
     }
+    if dev_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    return env
 
 
 def llamacpp_command(python: str, gguf: str, served_name: str, port: int, ctx: int = 4096):

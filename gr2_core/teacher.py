@@ -111,6 +111,37 @@ class Retry:
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
+async def post_retrying(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict,
+    retry: Retry,
+    error: type[Exception],
+    who: str,
+) -> dict:
+    """POST `body` and return the JSON answer, retrying 429/5xx/timeouts/connection errors with
+    backoff (the server's Retry-After first); any other status, or the last failure, raises
+    `error` naming `who` and the URL."""
+    for attempt in range(retry.max_retries + 1):
+        retry_after = None
+        try:
+            resp = await client.post(url, json=body)
+            if resp.status_code == 200:
+                return resp.json()
+            if resp.status_code not in RETRY_STATUS:
+                raise error(f"{who} {url} answered {resp.status_code}: {resp.text[:300]}")
+            problem = f"HTTP {resp.status_code}"
+            retry_after = resp.headers.get("retry-after")
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if attempt == retry.max_retries:
+            raise error(f"{who} {url} failed after {attempt + 1} tries, last: {problem}")
+        wait = retry.delay(attempt, retry_after)
+        log.warning("%s: %s; retry %d in %.1f s", who, problem, attempt + 1, wait)
+        await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class OpenAITeacher:
     """Chat-completions client with concurrency limit, timeouts, retries and seeds."""
@@ -139,28 +170,7 @@ class OpenAITeacher:
     # -- one HTTP call with retries -------------------------------------------------------
     async def _post(self, client: httpx.AsyncClient, body: dict) -> dict:
         url = f"{self.base_url}/chat/completions"
-        for attempt in range(self.retry.max_retries + 1):
-            retry_after = None
-            try:
-                resp = await client.post(url, json=body)
-                if resp.status_code == 200:
-                    return resp.json()
-                if resp.status_code not in RETRY_STATUS:
-                    raise TeacherError(
-                        f"teacher {url} answered {resp.status_code}: {resp.text[:300]}"
-                    )
-                problem = f"HTTP {resp.status_code}"
-                retry_after = resp.headers.get("retry-after")
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            if attempt == self.retry.max_retries:
-                raise TeacherError(
-                    f"teacher {url} failed after {attempt + 1} tries, last: {problem}"
-                )
-            wait = self.retry.delay(attempt, retry_after)
-            log.warning("teacher: %s; retry %d in %.1f s", problem, attempt + 1, wait)
-            await asyncio.sleep(wait)
-        raise AssertionError("unreachable")
+        return await post_retrying(client, url, body, self.retry, TeacherError, "teacher")
 
     def _body(self, messages: list[dict], n: int, seed: int, slate: Sequence[str]) -> dict:
         body: dict = {

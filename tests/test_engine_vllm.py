@@ -1,0 +1,117 @@
+"""The generation engine against a real vLLM server: the answer machine drives the server as it
+drives transformers' `generate`, and scoring mode gives the transformers model's numbers.
+
+One server per module (the `make teacher-env` virtualenv), serving SmolLM2-135M-Instruct with
+SID tokens added, in float32 so its numbers can be compared with the transformers model's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gr2_core.decoding import CLOSE, OPEN, AnswerTokens
+from gr2_core.generation import HFEngine, VLLMEngine
+from gr2_core.models import export_student
+from gr2_core.prompts import check_answer
+from gr2_core.semantic_ids.sidmap import encode_sid
+from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+SLATES = [
+    [encode_sid([a, b]) for a, b in ((0, 1), (0, 2), (3, 1), (5, 5))],
+    [encode_sid([a, b]) for a, b in ((7, 0), (1, 1), (2, 6))],
+]
+MESSAGES = [
+    [
+        {"role": "system", "content": "Rerank the candidate movies."},
+        {
+            "role": "user",
+            "content": f"History: {SLATES[0][0]} Toy Story '95 | Animation\n"
+            f"Candidates: {' '.join(slate)}\nAnswer in JSON.",
+        },
+    ]
+    for slate in SLATES
+]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"{VLLM_PYTHON} missing: run `make teacher-env` (make test does)")
+    tmp = tmp_path_factory.mktemp("engine")
+    model = export_student(tmp / "student", levels=2, sizes=[8, 8])
+    port = free_port()
+    cmd = vllm_command(str(VLLM_PYTHON), str(model), "student", port, extra=["--dtype", "float32"])
+    with ManagedServer(cmd, port, tmp / "server.log", vllm_env(2, dev_mode=True)):
+        tok = AutoTokenizer.from_pretrained(model)
+        yield model, VLLMEngine(f"http://127.0.0.1:{port}", "student", tok, concurrency=8)
+
+
+def test_answers_close_within_the_budget_and_constrained_ones_are_valid(served):
+    _, engine = served
+    fmt = AnswerTokens.of(engine.tok)
+    budget = 12
+    for method in ("free", "constrained"):
+        done = engine.answers(MESSAGES, SLATES, method, budget, histories=[[], []])
+        for slate, c in zip(SLATES, done, strict=True):
+            assert c.token_ids[-1] == engine.tok.eos_token_id, c.text
+            assert c.token_ids[: len(fmt.open)] == list(fmt.open) and all(c.forced[:5])
+            assert c.text.startswith(OPEN) and CLOSE in c.text
+            body = c.text[len(OPEN) : c.text.index(CLOSE)]
+            assert len(engine.tok(body, add_special_tokens=False)["input_ids"]) <= budget + 1
+            if method == "constrained":
+                verdict = check_answer(c.text, slate, frozenset(slate))
+                assert verdict.accepted, (verdict.reason, c.text)
+
+
+def test_sampled_rollouts_differ_by_seed_and_stay_within_the_machine(served):
+    _, engine = served
+    from gr2_core.generation import machines_for, prompt_ids
+
+    prompt = prompt_ids(engine.tok, MESSAGES[0])
+    machines = machines_for(engine.tok, [SLATES[0]] * 4, "constrained", 8, [[]] * 4)
+    done = engine.complete([prompt] * 4, machines, temperature=1.0)
+    assert len({c.text for c in done}) > 1  # a group of rollouts, not one answer four times
+    for c in done:
+        assert check_answer(c.text, SLATES[0], frozenset(SLATES[0])).accepted
+
+
+def test_scores_are_the_transformers_models(served):
+    folder, engine = served
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    local = HFEngine(model, tok, batch_size=2).scores(MESSAGES, SLATES)
+    remote = engine.scores(MESSAGES, SLATES)
+    for slate, a, b in zip(SLATES, local, remote, strict=True):
+        assert b.scores == pytest.approx(a.scores, abs=0.05)
+        assert check_answer(b.text, slate, frozenset(slate)).accepted
+        order = sorted(range(len(slate)), key=lambda k: -a.scores[k])
+        gaps = [a.scores[i] - a.scores[j] for i, j in zip(order, order[1:], strict=False)]
+        if min(gaps) > 0.1:  # no near-tie: the same order
+            assert b.text == a.text
+
+
+def test_weight_sync_makes_the_server_serve_the_policy(served, tmp_path):
+    """After `load_weights`, the server's scores are the changed model's, not the old ones."""
+    folder, engine = served
+    tok = AutoTokenizer.from_pretrained(folder)
+    policy = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    before = engine.scores(MESSAGES[:1], SLATES[:1])[0].scores
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy update that moves the SID scores
+        for name, p in policy.named_parameters():
+            if "layers.29." in name or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    expected = HFEngine(policy, tok).scores(MESSAGES[:1], SLATES[:1])[0].scores
+    assert expected != pytest.approx(before, abs=0.05)  # the update is visible
+    seconds = engine.load_weights(policy, tmp_path / "policy")
+    after = engine.scores(MESSAGES[:1], SLATES[:1])[0].scores
+    assert after == pytest.approx(expected, abs=0.05)
+    assert seconds < 60
