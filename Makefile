@@ -92,7 +92,7 @@ bench-teacher: install teacher-env .venv-llamacpp/.installed
 
 # DAPO step cost on this CPU (needs a finished `make run` for its SFT-rejection student)
 bench-rl: install
-	$(BIN)/python benchmarks/rl_step.py --steps 2 --max-rounds 0 --doc docs/benchmarks.md
+	$(BIN)/python benchmarks/rl_step.py --batches 2 --max-rounds 0 --doc docs/benchmarks.md
 
 # transformers vs the vLLM engine on the same student prompts; scoring-mode latency
 bench-generation: install teacher-env

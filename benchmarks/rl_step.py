@@ -1,12 +1,14 @@
 """Cost of DAPO steps on this machine: the demo's SFT-rejection student, the demo's RL settings.
 
-Runs `--steps` DAPO steps (conditional reward, dynamic sampling on) from the newest completed
-`sft_rejection` stage under `var/artifacts` (run `make run` first), on the demo's training slates,
-and reports per step: wall time, rollouts generated (dynamic sampling's extra rounds included),
-reward, invalid and identity rates, and the share of zero-variance groups. The checkpoints go to
-a scratch folder under var/; the results to a docs/benchmarks.md section with this command.
+Runs `--batches` rollout batches of DAPO (conditional reward, dynamic sampling on; each batch
+drives `rl.mini_batches` optimizer steps) from the newest completed `sft_rejection` stage under
+`var/artifacts` (run `make run` first), on the demo's training slates, and reports per rollout
+batch: wall time (generation and its optimizer steps), rollouts generated (dynamic sampling's
+extra rounds included), reward, invalid and identity rates, and the share of zero-variance
+groups. The checkpoints go to a scratch folder under var/; the results to a docs/benchmarks.md
+section with this command.
 
-  python benchmarks/rl_step.py --steps 2 --max-rounds 0 --doc docs/benchmarks.md
+  python benchmarks/rl_step.py --batches 2 --max-rounds 0 --doc docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class StepClock(TrainerCallback):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--artifacts", default=str(ROOT / "var" / "artifacts"))
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--batches", type=int, default=2, help="rollout batches to run")
     p.add_argument(
         "--max-rounds", type=int, default=0, help="dynamic sampling's extra rounds (demo: 4)"
     )
@@ -64,7 +66,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = load_profile("demo")
     cfg = config.rl.model_copy(
-        update={"max_steps": args.steps, "save_steps": 1000, "max_sampling_rounds": args.max_rounds}
+        update={
+            "max_steps": args.batches * config.rl.mini_batches,
+            "save_steps": 1000,
+            "max_sampling_rounds": args.max_rounds,
+        }
     )
     root = Path(args.artifacts)
     sft = latest(root, "sft_rejection")
@@ -88,14 +94,24 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     clock = StepClock()
     trainer, history = train_dapo(
-        sft.path("model"), rows, out, cfg, tok, frozenset(cat.sid.values()), callbacks=(clock,)
+        sft.path("model"),
+        rows,
+        out,
+        cfg,
+        tok,
+        frozenset(cat.sid.values()),
+        callbacks=(clock,),
+        budget=config.prompt.max_explanation_tokens,
     )
-    logged = [r for r in history if "monitor/identity_rate" in r]
+    logged = [r for r in history if "monitor/identity_rate" in r]  # one per rollout batch
+    k = cfg.mini_batches
+    batch_times = [sum(clock.times[i : i + k]) for i in range(0, len(clock.times), k)]
     table = []
-    for step, (r, secs) in enumerate(zip(logged, clock.times, strict=False), start=1):
-        stats = trainer.dynamic_history[step - 1] if step <= len(trainer.dynamic_history) else {}
+    for batch, (r, secs) in enumerate(zip(logged, batch_times, strict=False), start=1):
+        stats = trainer.dynamic_history[batch - 1] if batch <= len(trainer.dynamic_history) else {}
         row = {
-            "step": step,
+            "rollout batch": batch,
+            "optimizer steps": k,
             "seconds": round(secs, 1),
             "generation rounds": 1 + stats.get("extra_rounds", 0),
             "rollouts": (1 + stats.get("extra_rounds", 0)) * cfg.group_size * cfg.prompts_per_step,
@@ -113,9 +129,10 @@ def main() -> None:
         replace_section(
             Path(args.doc),
             "DAPO step cost on this CPU",
-            f"Command: `{command}` ({os.cpu_count()} cores; demo SFT-rejection student, "
-            f"{cfg.prompts_per_step} groups of {cfg.group_size} rollouts of up to "
-            f"{cfg.max_completion_length} tokens per step, dynamic sampling up to "
+            f"Command: `{command}` ({os.cpu_count()} cores; the newest SFT-rejection student, "
+            f"demo RL settings: {cfg.prompts_per_step} groups of {cfg.group_size} budget-forced "
+            f"rollouts of up to {cfg.max_completion_length} tokens per rollout batch, "
+            f"{cfg.mini_batches} optimizer steps per batch, dynamic sampling up to "
             f"{cfg.max_sampling_rounds} extra rounds, HF `generate` rollouts, backward in "
             f"micro-batches of {cfg.micro_batch}"
             + (" with gradient checkpointing" if cfg.gradient_checkpointing else "")
