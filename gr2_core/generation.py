@@ -77,6 +77,11 @@ def machines_for(
     return out
 
 
+def _check_pairs(prompts: Sequence, machines: Sequence) -> None:
+    if len(prompts) != len(machines):
+        raise ValueError(f"{len(prompts)} prompts for {len(machines)} answer machines")
+
+
 class Engine:
     """What every backend shares: answers by method, scoring mode on top of `complete` and
     `_first_item_logprobs`, which a backend provides."""
@@ -179,8 +184,7 @@ class HFEngine(Engine):
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Completion]:
         """One completion per (prompt, machine) pair; temperature 0 decodes greedily."""
-        if len(prompts) != len(machines):
-            raise ValueError(f"{len(prompts)} prompts for {len(machines)} answer machines")
+        _check_pairs(prompts, machines)
         tok, out = self.tok, []
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         for b in range(0, len(prompts), self.batch_size):
@@ -354,8 +358,7 @@ class VLLMEngine(Engine):
         progress: Callable[[int, int], None] | None = None,
         seed: int = 0,
     ) -> list[Completion]:
-        if len(prompts) != len(machines):
-            raise ValueError(f"{len(prompts)} prompts for {len(machines)} answer machines")
+        _check_pairs(prompts, machines)
         done = [0]
 
         def job(i: int):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from data_contracts.config import PromptConfig, SFTConfig
 from gr2_core.catalogue import Catalogue
-from gr2_core.decoding import ANSWER, REASONING, answer_ids, fit_explanation
+from gr2_core.decoding import ANSWER, REASONING, answer_ids, explanation_body, fit_explanation
 from gr2_core.generation import prompt_ids
 from gr2_core.output import Log, StageOutput
 from gr2_core.prompts import CoWatch, student_messages
@@ -259,8 +259,11 @@ def run(
             dropped += 1
             continue
         rows.append(sample)
-        prompt_lengths.append(sample["weights"].index(next(w for w in sample["weights"] if w)))
-        explanation_lengths.append(sample["weights"].count(cfg.lambda_r))
+        body = tok(explanation_body(explanation), add_special_tokens=False)["input_ids"]
+        explanation_lengths.append(len(body))
+        prompt_lengths.append(
+            sample["labels"].index(next(t for t in sample["labels"] if t != -100))
+        )
     if not rows:
         raise ValueError(
             f"sft_{mode}: no trace left ({over_budget} with no sentence end within the "
