@@ -607,6 +607,41 @@ class RLConfig(StageConfig):
         return self
 
 
+class EngineConfig(StageConfig):
+    """The generation engine behind evaluation, RL rollouts and serving (docs/generation.md).
+    Every field is operational: the answers do not depend on the engine beyond numerics, so no
+    stage is re-keyed by it; each evaluation table names the engine that wrote it."""
+
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto",
+        description="auto: a vLLM server where `vllm_python` exists (`make teacher-env`), else "
+        "transformers' generate in the stage's process; vllm: refuse to run without it.",
+    )
+    vllm_python: str = Field(
+        ".venv-vllm/bin/python",
+        description="Python of the vLLM virtualenv (relative paths: from the project root).",
+    )
+    concurrency: int = Field(16, ge=1, description="Requests in flight to the vLLM server.")
+    kv_cache_gib: int = Field(2, ge=1, description="vLLM CPU KV cache size (GiB).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype on the vLLM server (auto: the model's own)."
+    )
+    max_model_len: int = Field(2048, ge=256, description="Longest prompt + answer served.")
+    start_timeout_s: float = Field(300.0, gt=0, description="Wait for the server to be up.")
+
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
+        {
+            "backend",
+            "vllm_python",
+            "concurrency",
+            "kv_cache_gib",
+            "dtype",
+            "max_model_len",
+            "start_timeout_s",
+        }
+    )
+
+
 class EvalConfig(StageConfig):
     """Ranking metrics and their bootstrap confidence intervals (SPEC section 6)."""
 
@@ -718,6 +753,7 @@ class PipelineConfig(StageConfig):
     sft: SFTConfig = SFTConfig()
     rl: RLConfig = RLConfig()
     evaluation: EvalConfig = EvalConfig()
+    engine: EngineConfig = EngineConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
 

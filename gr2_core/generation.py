@@ -11,14 +11,18 @@ explanation is always closed within the reasoning budget and the list always ope
   (and, optionally, a budget-forced explanation), in one forward pass over the shared prefix.
 
 `HFEngine` runs the machines inside `model.generate` (left-padded batches, one logits processor
-per batch): greedy for evaluation and serving, sampled for RL rollouts.
+per batch); `VLLMEngine` drives a vLLM server's completions endpoint with them. `open_engine`
+picks the backend from the `engine` config section: greedy for evaluation and serving, sampled
+for RL rollouts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +92,10 @@ class Engine:
 
     tok = None
     batch_size = 8
+
+    def describe(self) -> str:
+        """The engine and its batching, for tables and logs."""
+        raise NotImplementedError
 
     def complete(self, prompts, machines, temperature=0.0, top_p=1.0, progress=None):
         raise NotImplementedError
@@ -174,6 +182,9 @@ class HFEngine(Engine):
 
     def __init__(self, model, tok, batch_size: int = 8):
         self.model, self.tok, self.batch_size = model, tok, batch_size
+
+    def describe(self) -> str:
+        return f"transformers generate, batch {self.batch_size}"
 
     def complete(
         self,
@@ -292,6 +303,9 @@ class VLLMEngine(Engine):
         self.batch_size = concurrency
         self.timeout_s = timeout_s
         self.retry = retry or Retry()
+
+    def describe(self) -> str:
+        return f"vLLM server, {self.concurrency} requests in flight"
 
     # -- transport ----------------------------------------------------------------------------
     def _gather(self, jobs: list) -> list:
@@ -476,3 +490,75 @@ class VLLMEngine(Engine):
             [sum(logp[(h, tuple(sid[:k]))][sid[k]] for k in range(len(sid))) for sid in row]
             for h, row in enumerate(cands)
         ]
+
+
+REPO = Path(__file__).resolve().parent.parent
+SERVED_NAME = "student"
+LOG = logging.getLogger(__name__)
+
+
+def vllm_python(cfg) -> Path:
+    """The vLLM virtualenv's python of an `EngineConfig` (relative: from the project root)."""
+    python = Path(cfg.vllm_python)
+    return python if python.is_absolute() else REPO / python
+
+
+def backend_of(cfg) -> str:
+    """`vllm` or `transformers`: what `cfg.backend` resolves to on this machine."""
+    if cfg.backend == "transformers":
+        return "transformers"
+    if vllm_python(cfg).exists():
+        return "vllm"
+    if cfg.backend == "vllm":
+        raise FileNotFoundError(
+            f"engine.backend is vllm but {vllm_python(cfg)} does not exist: run `make "
+            "teacher-env` (vLLM on CPU), point engine.vllm_python at a vLLM virtualenv, or set "
+            "engine.backend=transformers"
+        )
+    return "transformers"
+
+
+@contextmanager
+def vllm_server(model_dir: str | Path, cfg, log_path: Path, dev_mode: bool = False):
+    """A vLLM server on 127.0.0.1 serving `model_dir` as `student` for the block; yields its
+    base URL. `dev_mode` opens the weight-reload endpoints (RL rollouts from the policy)."""
+    from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env
+
+    port = free_port()
+    extra = ["--dtype", cfg.dtype] if cfg.dtype != "auto" else []
+    cmd = vllm_command(
+        str(vllm_python(cfg)), str(model_dir), SERVED_NAME, port, cfg.max_model_len, extra
+    )
+    server = ManagedServer(
+        cmd, port, log_path, vllm_env(cfg.kv_cache_gib, dev_mode=dev_mode), cfg.start_timeout_s
+    )
+    start = time.perf_counter()
+    with server:
+        LOG.info(
+            "vLLM serving %s on 127.0.0.1:%d, up in %.0f s (log %s)",
+            model_dir,
+            port,
+            time.perf_counter() - start,
+            log_path,
+        )
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def open_engine(
+    model_dir: str | Path, tok, cfg, log_path: Path, batch_size: int = 8, num_threads: int = 2
+) -> Iterator[Engine]:
+    """The engine of an `EngineConfig` for the reranker in `model_dir`, for the block: a vLLM
+    server started on it (stopped after), or the transformers model loaded in this process
+    (`batch_size` rows per `generate`, on the GPU when there is one)."""
+    if backend_of(cfg) == "vllm":
+        with vllm_server(model_dir, cfg, log_path) as url:
+            yield VLLMEngine(url, SERVED_NAME, tok, concurrency=cfg.concurrency)
+        return
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(num_threads)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if torch.cuda.is_available():
+        lm = lm.to("cuda", dtype=torch.bfloat16)
+    yield HFEngine(lm, tok, batch_size)

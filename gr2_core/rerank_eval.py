@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from data_contracts.config import EvalConfig, PromptConfig, SFTConfig
+from data_contracts.config import EngineConfig, EvalConfig, PromptConfig, SFTConfig
 from gr2_core.catalogue import Catalogue
 from gr2_core.metrics import bootstrap_ci, per_sample_metrics, rank_of
 from gr2_core.output import Log, StageOutput
@@ -173,24 +173,31 @@ def run(
     cfg: SFTConfig,
     out: Path,
     log: Log = LOG,
+    engine_cfg: EngineConfig | None = None,
 ) -> StageOutput:
     """A generative reranker's evaluation stage (`sft_eval_<mode>`, `rl_eval_<variant>`,
     `midtrain_rerank_eval`): answers by each of `cfg.eval_methods` (free, constrained, scored;
-    explanations budget-forced, `gr2_core.generation`),
-    against the pre-ranker order on the same valid/test slates (`cfg.eval_slates` per split,
+    explanations budget-forced, `gr2_core.generation`) from the engine of `engine_cfg` (a vLLM
+    server where installed, else transformers; None: transformers in this process), against
+    the pre-ranker order on the same valid/test slates (`cfg.eval_slates` per split,
     conditional: target in the slate; end to end: coverage x conditional)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from gr2_core.generation import open_engine
+
+    tok = AutoTokenizer.from_pretrained(inputs.model)
+    engine_cfg = engine_cfg or EngineConfig(backend="transformers")
+    with open_engine(
+        inputs.model, tok, engine_cfg, out / "engine.log", cfg.eval_batch_size, cfg.num_threads
+    ) as engine:
+        log.info("%s eval: answers from %s", inputs.label, engine.describe())
+        return _evaluate(inputs, cfg, out, log, engine)
+
+
+def _evaluate(inputs: RerankEvalInputs, cfg: SFTConfig, out: Path, log: Log, engine):
     from gr2_core.baselines import format_table
-    from gr2_core.generation import HFEngine
 
     ev, label = inputs.bootstrap, inputs.label
-    torch.set_num_threads(cfg.num_threads)
-    tok = AutoTokenizer.from_pretrained(inputs.model)
-    lm = AutoModelForCausalLM.from_pretrained(inputs.model).eval()
-    if torch.cuda.is_available():
-        lm = lm.to("cuda", dtype=torch.bfloat16)
     cat = Catalogue.build(pl.read_parquet(inputs.items), pl.read_parquet(inputs.sid_map))
     prompt = inputs.prompt
     cowatch = CoWatch(pl.read_parquet(inputs.sequences)) if prompt.cowatch_notes else None
@@ -207,7 +214,6 @@ def run(
         def progress(done: int, total: int, s: str = split) -> None:
             log.info("%s eval %s: %d/%d slates", label, s, done, total)
 
-        engine = HFEngine(lm, tok, cfg.eval_batch_size)
         slate_sids = [[cat.sid[c] for c in r["candidates"]] for r in rows.iter_rows(named=True)]
         shown = [
             [cat.sid[h] for h in list(r["history"])[-prompt.history_items :]]
@@ -274,7 +280,7 @@ def run(
         f"# {inputs.title}\n\nconditional: slates with the target; end_to_end: all slates of the "
         f"split (coverage x conditional, both resampled for the interval); n: slates decoded; "
         f"value [95% bootstrap CI]; invalid answers count as misses; seconds = generation time "
-        f"per slate at batch {cfg.eval_batch_size}; explanations budget-forced at "
+        f"per slate ({engine.describe()}); explanations budget-forced at "
         f"{inputs.prompt.max_explanation_tokens} tokens\n\n{to_markdown(pretty)}\n"
     )
     (out / "metrics.md").write_text(markdown)

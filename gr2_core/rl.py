@@ -50,17 +50,19 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import torch
 
-from data_contracts.config import PromptConfig, RLConfig
+from data_contracts.config import EngineConfig, PromptConfig, RLConfig
 from gr2_core.catalogue import Catalogue
 from gr2_core.decoding import AnswerProcessor
-from gr2_core.generation import machines_for
+from gr2_core.generation import SERVED_NAME, VLLMEngine, backend_of, machines_for, vllm_server
 from gr2_core.metrics import ndcg_at_k
 from gr2_core.output import Log, StageOutput
 from gr2_core.prompts import CoWatch, student_messages
@@ -142,6 +144,10 @@ def dapo_trainer_class():
         judgements feed the monitors), `rollout_log` (path of the JSONL of rollouts; None: none
         written), `budget` (the reasoning budget every rollout is forced to), `slate_sids`
         (the list constrained to the slate); forced tokens are masked out of the loss.
+        `engine` (a `VLLMEngine` on a server started with weight reloads allowed): rollouts come
+        from it, the policy's weights written to `sync_dir` and reloaded by the server whenever
+        the optimizer has stepped since the last rollout batch; the loss's log-probabilities
+        still come from the trainer's model. None: transformers' generate in this process.
         """
 
         def __init__(
@@ -154,9 +160,16 @@ def dapo_trainer_class():
             rollout_log: str | Path | None = None,
             budget: int = 64,
             slate_sids: bool = False,
+            engine=None,
+            sync_dir: str | Path | None = None,
             **kwargs,
         ):
             super().__init__(*args, **kwargs)
+            if engine is not None and sync_dir is None:
+                raise ValueError("rollouts from an engine need a sync_dir for the weights")
+            self.engine, self.sync_dir = engine, sync_dir
+            self._served_step = -1  # the first rollout batch syncs (a resumed policy too)
+            self._rollout_batches = 0
             self.budget = budget
             self.slate_sids = slate_sids
             self._slates: list[list[str]] | None = None
@@ -201,6 +214,8 @@ def dapo_trainer_class():
                     f"rl.max_completion_length ({self.max_completion_length}) is below the "
                     f"longest answer the budget allows ({longest} tokens): raise it"
                 )
+            if self.engine is not None:
+                return self._engine_rollouts(prompt_ids, machines)
             answer_processor = AnswerProcessor(machines)
             processor = LogitsProcessorList([answer_processor])
             model = self.accelerator.unwrap_model(self.model)
@@ -218,6 +233,25 @@ def dapo_trainer_class():
                     del model.generate
                 else:
                     model.generate = own
+
+        def _engine_rollouts(self, prompt_ids, machines):
+            """Rollouts sampled by the engine from the current policy: its weights are synced
+            first if the optimizer stepped since the server last loaded them."""
+            mode = "train" if self.model.training else "eval"
+            if self._served_step != self.state.global_step:
+                model = self.accelerator.unwrap_model(self.model)
+                took = self.engine.load_weights(model, self.sync_dir)
+                self._served_step = self.state.global_step
+                self._metrics[mode]["timing/weight_sync_s"].append(took)
+            self._rollout_batches += 1
+            seed = self.args.seed * 1_000_003 + self._rollout_batches * 10_007
+            start = time.perf_counter()
+            done = self.engine.complete(
+                prompt_ids, machines, temperature=self.temperature, top_p=self.top_p, seed=seed
+            )
+            self._metrics[mode]["timing/generate_s"].append(time.perf_counter() - start)
+            self._forced = [{i for i, f in enumerate(c.forced) if f} for c in done]
+            return [list(c.token_ids) for c in done], None
 
         # -- rewards of the round, kept for the group selection -------------------------------
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -437,11 +471,13 @@ def train_dapo(
     callbacks: tuple = (),
     extra_rewards: tuple = (),
     budget: int = 64,
+    engine=None,
 ):
     """DAPO from `model_dir` on `rows` (prompt, slate, target, prompt_index) with the
     conditional (GR2) or unconditional reward, resuming from the newest checkpoint in
     `out_dir/checkpoints`. `extra_rewards` are more task rewards (weight 1, part of the
-    dynamic-sampling signal). Returns (trainer, log history)."""
+    dynamic-sampling signal); `engine`: a `VLLMEngine` serving `model_dir` with weight reloads
+    allowed, for the rollouts (None: transformers' generate). Returns (trainer, log history)."""
     from datasets import Dataset
 
     from gr2_core.training import load_trainable, resume_point
@@ -477,6 +513,8 @@ def train_dapo(
         rollout_log=out_dir / "completions.jsonl",
         budget=budget,
         slate_sids=cfg.slate_sids,
+        engine=engine,
+        sync_dir=out_dir / "served_weights" if engine is not None else None,
     )
     resume = resume_point(ckpt)
     if resume:  # rollouts after the checkpoint are generated again: drop their old records
@@ -555,10 +593,12 @@ def run(
     out: Path,
     report_to: Sequence[str] = (),
     log: Log = LOG,
+    engine_cfg: EngineConfig | None = None,
 ) -> StageOutput:
     """Stage `rl_<variant>`: DAPO with dynamic sampling from an SFT reranker on training slates
     that hold their target; the unconditional variant pays the format bonus unconditionally.
-    Resumes from its newest checkpoint."""
+    Rollouts come from the engine of `engine_cfg` (a vLLM server synced to the policy where
+    installed; None: transformers' generate). Resumes from its newest checkpoint."""
     from transformers import AutoTokenizer
 
     from gr2_core.plots import close, rl_curves
@@ -583,17 +623,30 @@ def run(
         cfg.group_size,
         "conditional" if conditional else "unconditional",
     )
-    trainer, history = train_dapo(
-        inputs.model,
-        rows,
-        out,
-        cfg,
-        tok,
-        frozenset(cat.sid.values()),
-        conditional=conditional,
-        report_to=tuple(report_to),
-        budget=inputs.prompt.max_explanation_tokens,
+    engine_cfg = engine_cfg or EngineConfig(backend="transformers")
+    served = backend_of(engine_cfg) == "vllm"
+    server = (
+        vllm_server(inputs.model, engine_cfg, out / "engine.log", dev_mode=True)
+        if served
+        else nullcontext()
     )
+    with server as url:
+        engine = VLLMEngine(url, SERVED_NAME, tok, engine_cfg.concurrency) if served else None
+        log.info(
+            "rl_%s: rollouts from %s", variant, engine.describe() if served else "transformers"
+        )
+        trainer, history = train_dapo(
+            inputs.model,
+            rows,
+            out,
+            cfg,
+            tok,
+            frozenset(cat.sid.values()),
+            conditional=conditional,
+            report_to=tuple(report_to),
+            budget=inputs.prompt.max_explanation_tokens,
+            engine=engine,
+        )
     trainer.model.save_pretrained(out / "model", safe_serialization=True)
     tok.save_pretrained(out / "model")
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
@@ -614,4 +667,4 @@ def run(
         "curves": "curves.png",
     }
     attach = {"curves.png": "", "completions.jsonl": ""}
-    return StageOutput(files, metrics, scratch=["checkpoints"], attach=attach)
+    return StageOutput(files, metrics, scratch=["checkpoints", "served_weights"], attach=attach)

@@ -67,7 +67,7 @@ def reranker_eval(
     )
 
     def body(out: Path, run):
-        return core.run(inputs, config.sft, out, get_run_logger())
+        return core.run(inputs, config.sft, out, get_run_logger(), config.engine)
 
     upstream = [data, split, semantic_ids, candidates, model]
     return EVAL[stage].run(config, upstream, tracking, body)

@@ -56,7 +56,7 @@ def rl(
 
     def body(out: Path, run):
         with mlflow_env(tracking, run.run_id):  # TRL's metrics go to the stage run
-            return core.run(inputs, config.rl, out, ("mlflow",), get_run_logger())
+            return core.run(inputs, config.rl, out, ("mlflow",), get_run_logger(), config.engine)
 
     upstream = [data, split, semantic_ids, candidates, sft_model]
     return RL[variant].run(config, upstream, tracking, body)

@@ -7,6 +7,7 @@ SID tokens added, in float32 so its numbers can be compared with the transformer
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,56 @@ def test_weight_sync_makes_the_server_serve_the_policy(served, tmp_path):
     after = engine.scores(MESSAGES[:1], SLATES[:1])[0].scores
     assert after == pytest.approx(expected, abs=0.05)
     assert seconds < 60
+
+
+class CountingEngine(VLLMEngine):
+    """The real engine, counting the weight syncs the trainer asks for."""
+
+    syncs: list[int]
+
+    def load_weights(self, model, folder):
+        self.syncs.append(int(sum(p.double().sum() for p in model.parameters()) * 1e3))
+        return super().load_weights(model, folder)
+
+
+def test_dapo_rollouts_come_from_the_server_synced_to_the_policy(served, tmp_path):
+    """DAPO with the engine: 4 optimizer steps in 2 rollout batches of one group, so the server
+    reloads the policy before each batch (the first included: it may serve other weights), the
+    second time with weights the optimizer moved; every rollout is a valid constrained answer
+    within the machine, and the forced tokens are out of the loss."""
+    from data_contracts.config import RLConfig
+    from gr2_core.rl import train_dapo
+
+    folder, base = served
+    engine = CountingEngine(base.base_url, base.model, base.tok, concurrency=8)
+    engine.syncs = []
+    cfg = RLConfig(
+        group_size=4,
+        prompts_per_step=1,
+        mini_batches=2,
+        micro_batch_size=2,
+        max_steps=4,
+        save_steps=2,
+        lr=1e-3,
+        temperature=1.0,
+        max_completion_length=64,
+        overlong_cache=0,
+        max_sampling_rounds=0,
+        num_threads=2,
+    )
+    rows = [
+        {"prompt": m, "slate": s, "target": s[1], "prompt_index": k}
+        for k, (m, s) in enumerate(zip(MESSAGES, SLATES, strict=True))
+    ]
+    known = frozenset(sid for s in SLATES for sid in s)
+    trainer, history = train_dapo(
+        folder, rows, tmp_path, cfg, engine.tok, known, budget=8, engine=engine
+    )
+    assert trainer.state.global_step == 4
+    assert len(engine.syncs) == 2 and engine.syncs[0] != engine.syncs[1]  # the policy moved
+    assert trainer._served_step == 2
+    logged = [r for r in history if "timing/generate_s" in r]
+    assert logged and all(r["monitor/forced_token_share"] > 0 for r in logged)
+    rollouts = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 8 and {r["step"] for r in rollouts} == {0, 2}
+    assert all(r["reason"] == "ok" for r in rollouts), rollouts
