@@ -91,8 +91,11 @@ bench-teacher: install teacher-env .venv-llamacpp/.installed
 	$(BIN)/python benchmarks/teacher.py --throughput --acceptance --doc docs/benchmarks.md
 
 # DAPO step cost on this CPU (needs a finished `make run` for its SFT-rejection student)
-bench-rl: install
+# (transformers rollouts, then rollouts from a vLLM server synced to the policy, 1 x 8 per batch)
+bench-rl: install teacher-env
 	$(BIN)/python benchmarks/rl_step.py --batches 2 --max-rounds 0 --doc docs/benchmarks.md
+	$(BIN)/python benchmarks/rl_step.py --engine vllm --groups 1 --batches 3 --max-rounds 0 \
+		--doc docs/benchmarks.md
 
 # transformers vs the vLLM engine on the same student prompts; scoring-mode latency
 bench-generation: install teacher-env

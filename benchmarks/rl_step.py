@@ -6,9 +6,14 @@ drives `rl.mini_batches` optimizer steps) from the newest completed `sft_rejecti
 batch: wall time (generation and its optimizer steps), rollouts generated (dynamic sampling's
 extra rounds included), reward, invalid and identity rates, and the share of zero-variance
 groups. The checkpoints go to a scratch folder under var/; the results to a docs/benchmarks.md
-section with this command.
+section with this command. `--engine vllm` takes the rollouts from a vLLM server synced to the
+policy before each rollout batch (`gr2_core.rl`), and splits each batch's time into generation,
+weight sync and the rest (log-probabilities, backward, optimizer); `--groups` overrides the
+demo's groups per rollout batch (the issue's yardstick is 1 x 8).
 
   python benchmarks/rl_step.py --batches 2 --max-rounds 0 --doc docs/benchmarks.md
+  python benchmarks/rl_step.py --engine vllm --groups 1 --batches 3 --max-rounds 0 \
+      --doc docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import polars as pl
@@ -31,6 +37,7 @@ from teacher import demo_inputs, latest  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from data_contracts.config import load_profile  # noqa: E402
+from gr2_core.generation import SERVED_NAME, VLLMEngine, vllm_server  # noqa: E402
 from gr2_core.prompts import CoWatch  # noqa: E402
 from gr2_core.report import replace_section, to_markdown  # noqa: E402
 from gr2_core.rl import train_dapo, training_rows  # noqa: E402
@@ -56,6 +63,8 @@ def main() -> None:
     p.add_argument(
         "--max-rounds", type=int, default=0, help="dynamic sampling's extra rounds (demo: 4)"
     )
+    p.add_argument("--engine", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--groups", type=int, help="groups per rollout batch (default: the demo's)")
     p.add_argument("--doc")
     p.add_argument(
         "--export",
@@ -70,8 +79,10 @@ def main() -> None:
             "max_steps": args.batches * config.rl.mini_batches,
             "save_steps": 1000,
             "max_sampling_rounds": args.max_rounds,
+            "prompts_per_step": args.groups or config.rl.prompts_per_step,
         }
     )
+    cfg = type(cfg).model_validate(cfg.model_dump())  # the batch arithmetic checked again
     root = Path(args.artifacts)
     sft = latest(root, "sft_rejection")
     cat, slates, sequences = demo_inputs(root)
@@ -93,16 +104,25 @@ def main() -> None:
     out = ROOT / "var" / "bench-rl"
     shutil.rmtree(out, ignore_errors=True)
     clock = StepClock()
-    trainer, history = train_dapo(
-        sft.path("model"),
-        rows,
-        out,
-        cfg,
-        tok,
-        frozenset(cat.sid.values()),
-        callbacks=(clock,),
-        budget=config.prompt.max_explanation_tokens,
+    served = args.engine == "vllm"
+    server = (
+        vllm_server(sft.path("model"), config.engine, out.parent / "bench-rl-vllm.log", True)
+        if served
+        else nullcontext()
     )
+    with server as url:
+        engine = VLLMEngine(url, SERVED_NAME, tok, config.engine.concurrency) if served else None
+        trainer, history = train_dapo(
+            sft.path("model"),
+            rows,
+            out,
+            cfg,
+            tok,
+            frozenset(cat.sid.values()),
+            callbacks=(clock,),
+            budget=config.prompt.max_explanation_tokens,
+            engine=engine,
+        )
     logged = [r for r in history if "monitor/identity_rate" in r]  # one per rollout batch
     k = cfg.mini_batches
     batch_times = [sum(clock.times[i : i + k]) for i in range(0, len(clock.times), k)]
@@ -122,18 +142,27 @@ def main() -> None:
             "after": round(stats.get("zero_std_after", 0.0), 2),
             "mean completion tokens": round(r.get("completions/mean_length", 0.0)),
         }
+        if served:  # the trainer logs both once per rollout batch, on its first step
+            gen, sync = r.get("timing/generate_s", 0.0), r.get("timing/weight_sync_s", 0.0)
+            row |= {
+                "generation s": round(gen, 1),
+                "weight sync s": round(sync, 1),
+                "rest s": round(secs - gen - sync, 1),
+            }
         print(json.dumps(row), flush=True)
         table.append(row)
     if args.doc:
         command = "python " + " ".join(sys.argv)
+        title = "DAPO step cost on this CPU" + (", vLLM rollouts" if served else "")
+        rollouts = "vLLM rollouts, synced each batch" if served else "HF `generate` rollouts"
         replace_section(
             Path(args.doc),
-            "DAPO step cost on this CPU",
+            title,
             f"Command: `{command}` ({os.cpu_count()} cores; the newest SFT-rejection student, "
             f"demo RL settings: {cfg.prompts_per_step} groups of {cfg.group_size} budget-forced "
             f"rollouts of up to {cfg.max_completion_length} tokens per rollout batch, "
             f"{cfg.mini_batches} optimizer steps per batch, dynamic sampling up to "
-            f"{cfg.max_sampling_rounds} extra rounds, HF `generate` rollouts, backward in "
+            f"{cfg.max_sampling_rounds} extra rounds, {rollouts}, backward in "
             f"micro-batches of {cfg.micro_batch}"
             + (" with gradient checkpointing" if cfg.gradient_checkpointing else "")
             + ").\n\n"

@@ -489,7 +489,10 @@ def write_docs(
         section(
             rl_doc,
             f"DAPO runs, {where}",
-            f"{rl.max_steps} steps of {rl.prompts_per_step} groups x {rl.group_size} rollouts, "
+            f"{rl.max_steps} optimizer steps: {rl.max_steps // rl.steps_per_rollout} rollout "
+            f"batches of {rl.prompts_per_step} groups x {rl.group_size} rollouts, each driving "
+            f"{rl.steps_per_rollout} steps ({rl.mini_batches} mini-batches x "
+            f"{rl.num_iterations} passes), "
             f"lr {rl.lr:g}, temperature {rl.temperature:g}, up to {rl.max_completion_length} "
             f"completion tokens, dynamic sampling {sampling}, {rl.slates} training slates.\n\n"
             f"![DAPO curves]({figure.relative_to(Path(rl_doc).parent).as_posix()})\n\n"

@@ -223,3 +223,25 @@ def test_a_config_logged_before_the_prompt_section_reads_back():
     with pytest.raises(ValidationError, match="sft.max_new_tokens was removed"):
         SFTConfig(max_new_tokens=96)
     assert "history_items" in old["teacher"]  # the logged dict itself is left as it was
+
+
+def test_engine_backend_resolves_on_this_machine_and_never_rekeys_a_stage(tmp_path):
+    """auto: vLLM where its python exists, else transformers; vllm without it: a clear error;
+    the engine settings are operational (no stage's config digest holds them)."""
+    from data_contracts.config import EngineConfig, PipelineConfig
+    from gr2_core.generation import backend_of
+
+    python = tmp_path / "bin" / "python"
+    auto = EngineConfig(vllm_python=str(python))
+    assert backend_of(auto) == "transformers"
+    with pytest.raises(FileNotFoundError, match="make teacher-env"):
+        backend_of(EngineConfig(backend="vllm", vllm_python=str(python)))
+    python.parent.mkdir(parents=True)
+    python.touch()
+    assert backend_of(auto) == "vllm"
+    assert backend_of(EngineConfig(backend="transformers", vllm_python=str(python))) == (
+        "transformers"
+    )
+    assert EngineConfig().digest() == EngineConfig(backend="vllm", concurrency=4).digest()
+    with pytest.raises(ValueError, match="backend"):
+        PipelineConfig.model_validate({"engine": {"backend": "tgi"}})
