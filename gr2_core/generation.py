@@ -492,15 +492,15 @@ class VLLMEngine(Engine):
         ]
 
 
-REPO = Path(__file__).resolve().parent.parent
 SERVED_NAME = "student"
 LOG = logging.getLogger(__name__)
 
 
 def vllm_python(cfg) -> Path:
     """The vLLM virtualenv's python of an `EngineConfig` (relative: from the project root)."""
-    python = Path(cfg.vllm_python)
-    return python if python.is_absolute() else REPO / python
+    from gr2_core.serving import server_python
+
+    return server_python(cfg.vllm_python)
 
 
 def backend_of(cfg) -> str:

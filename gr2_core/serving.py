@@ -38,6 +38,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         pass
 
 
+REPO = Path(__file__).resolve().parent.parent  # where `make teacher-env` puts its virtualenv
+
+
+def server_python(path: str | Path) -> Path:
+    """A server virtualenv's python from a setting: relative paths start at the project root."""
+    python = Path(path)
+    return python if python.is_absolute() else REPO / python
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

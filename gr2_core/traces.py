@@ -32,7 +32,7 @@ from data_contracts.rerankers import TRACE_MODES
 from gr2_core.catalogue import Catalogue
 from gr2_core.output import Log, StageOutput, Summary
 from gr2_core.prompts import CoWatch, build_messages, check_answer
-from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env
+from gr2_core.serving import ManagedServer, free_port, server_python, vllm_command, vllm_env
 from gr2_core.teacher import (
     HFTeacher,
     OpenAITeacher,
@@ -365,7 +365,6 @@ def accepted_traces(
 
 
 SERVED_NAME = "gr2-teacher"
-REPO = Path(__file__).resolve().parent.parent  # where `make teacher-env` puts its virtualenv
 
 
 def _model_folder(cfg: TeacherConfig, work: Path) -> str:
@@ -421,9 +420,7 @@ def open_teacher(
         log.info("traces: teacher at %s", cfg.base_url)
         yield client(cfg.base_url, cfg.model)
         return
-    python = Path(cfg.server_python)
-    if not python.is_absolute():
-        python = REPO / python
+    python = server_python(cfg.server_python)
     port = free_port()
     folder = _model_folder(cfg, work)
     server = ManagedServer(
