@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_contracts.config import RLConfig
 from gr2_core.rl import (
+    completion_logps,
     dapo_args,
     dapo_trainer_class,
     loss_mask_without,
@@ -316,3 +317,28 @@ def test_rl_training_table_and_curves_report_the_steps(tmp_path):
     kept = fig.axes[[k for k, _ in RL_PANELS].index("monitor/kept_rate")].lines[0]
     assert list(kept.get_ydata()) == [0.125] * 3 + [0.375] * 3
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_cpu_completion_logps_match_trls_fused_head(tiny):
+    """The CPU path projects only the completion's positions through the LM head: same
+    log-probabilities, entropies and gradients as TRL's fused head, which projects them all."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    ours = AutoModelForCausalLM.from_pretrained(tiny)
+    theirs = AutoModelForCausalLM.from_pretrained(tiny)
+    add_fused_lm_head(theirs, temperature=0.7, outputs=("log_probs", "entropy"))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded prompt
+    keep = 5
+    logps, ent = completion_logps(ours, ids, mask, keep, 0.7, batch_size=2, entropy=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :-keep] = -100  # what TRL passes: the completion tokens only
+    out = theirs(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(logps, out.log_probs[:, -keep:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, out.entropy[:, -keep:], atol=1e-5, rtol=1e-5)
+    logps.sum().backward()
+    out.log_probs[:, -keep:].sum().backward()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
