@@ -46,6 +46,12 @@ from gr2_core.rerank_eval import eval_slates  # noqa: E402
 NATIVE = training.cpu_bf16
 
 
+def cpu_kind() -> str:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    amx = "AMX" if "amx_bf16" in flags else "no AMX"
+    return f"{'AVX-512 BF16' if 'avx512_bf16' in flags else 'no AVX-512 BF16'}, {amx}"
+
+
 def precision(bf16: bool) -> None:
     """Switch `gr2_core.training.autocast` (training and the HF engine) to bf16 or float32."""
     training.cpu_bf16 = (lambda: True) if bf16 else (lambda: False)
@@ -134,7 +140,7 @@ def main() -> None:
     if args.doc:
         command = "python " + " ".join(sys.argv)
         body = (
-            f"Command: `{command}` ({os.cpu_count()} cores with AVX-512 BF16, no AMX; student "
+            f"Command: `{command}` ({os.cpu_count()} cores, {cpu_kind()}; student "
             f"`{folder.parent.name}/{folder.name}`). GR2 trains with bf16 autocast over float32 "
             "master weights (`bf16=True` in the trainers) and answers with bf16 autocast "
             "wherever `gr2_core.training.cpu_bf16()` finds native bf16, as on a GPU; float32 "

@@ -207,6 +207,7 @@ def test_scoring_mode_matches_a_forward_pass_per_candidate(student):
     ]
     messages = [[{"role": "user", "content": "Rank these"}], [{"role": "user", "content": "x"}]]
     engine = HFEngine(model, tok, batch_size=2)
+    engine.score_batch_size = 2  # both slates in one forward: left padding and the tree mask
     done = engine.scores(messages, slates)  # no explanation: the opened, empty answer
     fmt = AnswerTokens.of(tok)
     for msgs, slate, c in zip(messages, slates, done, strict=True):
