@@ -439,7 +439,19 @@ class SFTConfig(StageConfig):
     max_length: int = Field(2048, ge=64, description="Samples longer than this are dropped.")
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(25, ge=1, description="Checkpoint interval (resume point).")
-    eval_slates: int = Field(200, ge=1, description="Valid/test slates evaluated per split.")
+    eval_slates: int = Field(
+        200,
+        ge=1,
+        description="Valid/test slates per split answered by the methods that decode (free, "
+        "constrained, scored_explained).",
+    )
+    scored_slates: int | None = Field(
+        500,
+        ge=1,
+        description="Valid/test slates per split answered by `scored` (one forward pass a slate, "
+        "so many more than eval_slates); null: every slate of the split that holds its target. "
+        "The smaller sets are drawn from the larger, so every method's slates are paired.",
+    )
     eval_batch_size: int = Field(8, ge=1)
     eval_methods: list[AnswerMethod] = Field(
         default_factory=lambda: list(ANSWER_METHODS[:3]),
@@ -473,6 +485,10 @@ class SFTConfig(StageConfig):
         if len(set(self.eval_methods)) != len(self.eval_methods) or not self.eval_methods:
             raise ValueError(f"sft.eval_methods {self.eval_methods}: name each method once")
         return self
+
+    def slates_for(self, method: str) -> int | None:
+        """Slates per split that `method` answers in evaluation (None: every conditional one)."""
+        return self.scored_slates if method == "scored" else self.eval_slates
 
 
 class RLConfig(StageConfig):

@@ -162,7 +162,8 @@ def decide(challenger: pl.DataFrame, champion: pl.DataFrame | None, gate: Gate) 
         if not enough:
             reasons.append(
                 f"only {n} frozen-set slates; a comparison needs at least {gate.min_slates} "
-                "(registry.min_slates; raise sft.eval_slates)"
+                "(registry.min_slates; raise sft.scored_slates or sft.eval_slates, whichever the "
+                "served method answers)"
             )
         for metric in gate.metrics:
             ours = metric_values(both["rank"].to_numpy(), metric)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,15 @@ from gr2_core.report import to_markdown
 LOG = logging.getLogger(__name__)
 
 
-def eval_slates(slates: pl.DataFrame, split: str, count: int, seed: int) -> pl.DataFrame:
-    """Up to `count` slates of `split` that contain their target, drawn with `seed`."""
+def eval_slates(slates: pl.DataFrame, split: str, count: int | None, seed: int) -> pl.DataFrame:
+    """Up to `count` slates of `split` that contain their target (None: all), drawn with `seed`.
+    The draw is a prefix of one seeded shuffle, so a smaller count's slates are among a larger
+    one's: methods answered on different numbers of slates stay paired on the common ones."""
     pool = slates.filter((pl.col("split") == split) & pl.col("target_rank").is_not_null())
-    if pool.height > count:
-        pool = pool.sample(count, seed=seed).sort("user_id", "position")
-    return pool
+    if count is not None and pool.height > count:
+        shuffled = pool.sort("user_id", "position").sample(fraction=1.0, shuffle=True, seed=seed)
+        pool = shuffled.head(count)
+    return pool.sort("user_id", "position")
 
 
 def score_answers(
@@ -176,25 +180,45 @@ def run(
     engine_cfg: EngineConfig | None = None,
 ) -> StageOutput:
     """A generative reranker's evaluation stage (`sft_eval_<mode>`, `rl_eval_<variant>`,
-    `midtrain_rerank_eval`): answers by each of `cfg.eval_methods` (free, constrained, scored;
-    explanations budget-forced, `gr2_core.generation`) from the engine of `engine_cfg` (a vLLM
-    server where installed, else transformers; None: transformers in this process), against
-    the pre-ranker order on the same valid/test slates (`cfg.eval_slates` per split,
-    conditional: target in the slate; end to end: coverage x conditional)."""
+    `midtrain_rerank_eval`): answers by each of `cfg.eval_methods` against the pre-ranker order
+    on the same valid/test slates (conditional: target in the slate; end to end: coverage x
+    conditional). The methods that decode (free, constrained, scored_explained; explanations
+    budget-forced, `gr2_core.generation`) answer `cfg.eval_slates` slates per split from the
+    engine of `engine_cfg` (a vLLM server where installed, else transformers; None: transformers
+    in this process); `scored` answers `cfg.scored_slates` (a superset) with transformers in this
+    process, on the GPU when there is one: one forward pass a slate, no decoding for a server to
+    speed up (the tree-masked forward is 2.5x faster than scoring through vLLM's prompt
+    log-probabilities here, docs/generation.md)."""
     from transformers import AutoTokenizer
 
-    from gr2_core.generation import open_engine
+    from gr2_core.generation import backend_of, open_engine
 
     tok = AutoTokenizer.from_pretrained(inputs.model)
     engine_cfg = engine_cfg or EngineConfig(backend="transformers")
-    with open_engine(
-        inputs.model, tok, engine_cfg, out / "engine.log", cfg.eval_batch_size, cfg.num_threads
-    ) as engine:
-        log.info("%s eval: answers from %s", inputs.label, engine.describe())
-        return _evaluate(inputs, cfg, out, log, engine)
+    decoding = [m for m in cfg.eval_methods if m != "scored"]
+    local = EngineConfig(backend="transformers")
+    with ExitStack() as stack:
+        engines = {}
+
+        def engine_for(ecfg: EngineConfig, log_name: str):
+            return stack.enter_context(
+                open_engine(
+                    inputs.model, tok, ecfg, out / log_name, cfg.eval_batch_size, cfg.num_threads
+                )
+            )
+
+        if decoding:
+            engine = engine_for(engine_cfg, "engine.log")
+            engines |= dict.fromkeys(decoding, engine)
+        if "scored" in cfg.eval_methods:
+            shared = decoding and backend_of(engine_cfg) == "transformers"
+            engines["scored"] = engines[decoding[0]] if shared else engine_for(local, "scorer.log")
+        for method, engine in engines.items():
+            log.info("%s eval: %s answers from %s", inputs.label, method, engine.describe())
+        return _evaluate(inputs, cfg, out, log, engines)
 
 
-def _evaluate(inputs: RerankEvalInputs, cfg: SFTConfig, out: Path, log: Log, engine):
+def _evaluate(inputs: RerankEvalInputs, cfg: SFTConfig, out: Path, log: Log, engines: dict):
     from gr2_core.baselines import format_table
 
     ev, label = inputs.bootstrap, inputs.label
@@ -202,42 +226,53 @@ def _evaluate(inputs: RerankEvalInputs, cfg: SFTConfig, out: Path, log: Log, eng
     prompt = inputs.prompt
     cowatch = CoWatch(pl.read_parquet(inputs.sequences)) if prompt.cowatch_notes else None
     slates = pl.read_parquet(inputs.slates)
+    counts = [cfg.slates_for(m) for m in cfg.eval_methods]
+    largest = None if None in counts else max(counts)  # the pre-ranker row: every method's slates
     tables, answers, metrics = [], [], {}
     for split in ("valid", "test"):
-        rows = eval_slates(slates, split, cfg.eval_slates, cfg.seed)
         cover = coverage(slates, split)
+        pool = eval_slates(slates, split, largest, cfg.seed)
+        jobs = pool.select(pl.format("{}:{}", "user_id", "position")).to_series().to_list()
         prompts = [
             student_messages(r["history"], r["candidates"], cat, prompt, cowatch, r["user_id"])
-            for r in rows.iter_rows(named=True)
+            for r in pool.iter_rows(named=True)
         ]
-
-        def progress(done: int, total: int, s: str = split) -> None:
-            log.info("%s eval %s: %d/%d slates", label, s, done, total)
-
-        slate_sids = [[cat.sid[c] for c in r["candidates"]] for r in rows.iter_rows(named=True)]
+        slate_sids = [[cat.sid[c] for c in r["candidates"]] for r in pool.iter_rows(named=True)]
         shown = [
             [cat.sid[h] for h in list(r["history"])[-prompt.history_items :]]
-            for r in rows.iter_rows(named=True)
+            for r in pool.iter_rows(named=True)
         ]
+        where = {j: i for i, j in enumerate(jobs)}
         budget = prompt.max_explanation_tokens
-        variants = []
         for method in cfg.eval_methods:
-            done = engine.run(prompts, slate_sids, method, budget, shown, progress)
+            rows = eval_slates(slates, split, cfg.slates_for(method), cfg.seed)
+            at = [where[f"{r['user_id']}:{r['position']}"] for r in rows.iter_rows(named=True)]
+
+            def progress(done: int, total: int, s: str = split, m: str = method) -> None:
+                log.info("%s eval %s %s: %d/%d slates", label, s, m, done, total)
+
+            done = engines[method].run(
+                [prompts[i] for i in at],
+                [slate_sids[i] for i in at],
+                method,
+                budget,
+                [shown[i] for i in at],
+                progress,
+            )
             name = label if method == "free" else f"{label} {method}"
-            variants.append((name, [c.text for c in done], [c.seconds for c in done]))
             metrics[f"{split}/{name}.budget_closed_rate"] = float(
                 np.mean([c.forced_close for c in done])
             )
-        for method, answer_texts, secs in variants:
+            answer_texts = [c.text for c in done]
             scored = score_answers(answer_texts, rows, cat)
             extra = {
                 "invalid_rate": scored["invalid"],
                 "identity_rate": scored["identity"],
-                "seconds": np.array(secs),
+                "seconds": np.array([c.seconds for c in done]),
             }
             tables.append(
                 reranker_table(
-                    method,
+                    name,
                     split,
                     scored["ranks"],
                     extra,
@@ -248,13 +283,13 @@ def _evaluate(inputs: RerankEvalInputs, cfg: SFTConfig, out: Path, log: Log, eng
                 )
             )
             answers += _answer_rows(
-                split, method, rows, answer_texts, scored["reasons"], scored["ranks"]
+                split, name, rows, answer_texts, scored["reasons"], scored["ranks"]
             )
-        pre = rows["target_rank"].to_numpy()
+        pre = pool["target_rank"].to_numpy()
         zeros = np.zeros(len(pre))
         # the input order, for paired comparisons on the same slates
         answers += _answer_rows(
-            split, "preranker", rows, [""] * len(pre), ["input_order"] * len(pre), pre
+            split, "preranker", pool, [""] * len(pre), ["input_order"] * len(pre), pre
         )
         tables.append(
             reranker_table(
@@ -276,11 +311,12 @@ def _evaluate(inputs: RerankEvalInputs, cfg: SFTConfig, out: Path, log: Log, eng
     answers_table = pl.DataFrame(answers)
     answers_table.write_parquet(out / "answers.parquet")
     pretty = format_table(table, METRICS)
+    described = "; ".join(f"{m}: {e.describe()}" for m, e in engines.items())
     markdown = (
         f"# {inputs.title}\n\nconditional: slates with the target; end_to_end: all slates of the "
         f"split (coverage x conditional, both resampled for the interval); n: slates decoded; "
-        f"value [95% bootstrap CI]; invalid answers count as misses; seconds = generation time "
-        f"per slate ({engine.describe()}); explanations budget-forced at "
+        f"value [95% bootstrap CI]; invalid answers count as misses; seconds = answer time "
+        f"per slate ({described}); explanations budget-forced at "
         f"{inputs.prompt.max_explanation_tokens} tokens\n\n{to_markdown(pretty)}\n"
     )
     (out / "metrics.md").write_text(markdown)

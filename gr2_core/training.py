@@ -164,9 +164,8 @@ def cpu_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX, through oneDNN): there
     bf16 autocast over float32 weights trains and infers 2 to 2.5x faster than float32
     ("Mixed precision on this CPU" in docs/benchmarks.md); elsewhere it would be slower."""
-    return bool(
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private in torch 2
+    return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
 
 
 def autocast(device: torch.device | str):

@@ -92,10 +92,12 @@ FROZEN_SPLIT = "valid"  # promotion decides on validation slates; test is report
 
 def frozen_set(config: PipelineConfig, candidates: Manifest, split: str = FROZEN_SPLIT):
     """The evaluation set a registered model is judged on: the validation slates its evaluation
-    stage scored (`sft.eval_slates`, conditional, drawn with `sft.seed`); `split="test"` gives
-    the reported set."""
+    stage answered by the served method (`sft.scored_slates` for `scored`, else
+    `sft.eval_slates`; conditional, drawn with `sft.seed`); `split="test"` gives the reported
+    set."""
     cfg = config.sft
-    return rev.eval_slates(read(candidates, "slates"), split, cfg.eval_slates, cfg.seed)
+    count = cfg.slates_for(cfg.serve_method)
+    return rev.eval_slates(read(candidates, "slates"), split, count, cfg.seed)
 
 
 def served_method(config: PipelineConfig, model: Manifest) -> str:
@@ -124,7 +126,7 @@ def evaluation_results(
         raise ValueError(
             f"evaluation {evaluation.directory} has no '{method}' {split} answer for "
             f"{len(missing)} frozen-set slates (first: {missing[:3]}); was it run with other "
-            "sft.eval_slates?"
+            "sft.eval_slates / sft.scored_slates?"
         )
     scored = rev.score_answers([text[j] for j in jobs], rows, cat)
     return slate_results(jobs, scored["ranks"], scored["invalid"], scored["identity"])

@@ -448,11 +448,13 @@ def write_docs(
             section(
                 doc,
                 f"Rerankers, {where}",
-                "Every trained reranker of the run and the pre-ranker order on the same slates "
-                "(`sft.eval_slates` per split): conditional = slates that contain the target; "
+                "Every trained reranker of the run and the pre-ranker order on the same slates: "
+                "`sft.eval_slates` per split for the methods that decode, `sft.scored_slates` "
+                "for `scored` (the smaller sets drawn from the larger; the pre-ranker row on "
+                "the largest); conditional = slates that contain the target; "
                 "end_to_end = all slates of the split (the pre-ranker's coverage x conditional, "
-                "both resampled for the interval); n = slates decoded. Value [95% bootstrap "
-                "CI]; invalid answers count as misses; seconds = generation time per slate. "
+                "both resampled for the interval); n = slates answered. Value [95% bootstrap "
+                "CI]; invalid answers count as misses; seconds = answer time per slate. "
                 "Decoding, every explanation budget-forced (`prompt.max_explanation_tokens`): "
                 "a bare name = free (the model writes the list); `constrained` = the list "
                 "decoded as a permutation of the slate; `scored` = the slate ordered by each "

@@ -70,10 +70,27 @@ def inputs(student, tmp_path) -> rerank_eval.RerankEvalInputs:
     )
 
 
-def test_evaluation_scores_free_constrained_and_input_order_on_the_same_slates(inputs, tmp_path):
+def test_eval_slates_are_nested_prefixes_of_one_seeded_draw():
+    rows = [
+        {"user_id": f"u{u:02d}", "position": 3, "split": "test", "target_rank": u % 3 or None}
+        for u in range(40)
+    ]
+    slates = pl.DataFrame(rows)
+    covered = slates.filter(pl.col("target_rank").is_not_null()).height
+    sets = {n: rerank_eval.eval_slates(slates, "test", n, seed=7) for n in (5, 12, None)}
+    jobs = {n: set(t["user_id"]) for n, t in sets.items()}
+    assert [len(jobs[n]) for n in (5, 12, None)] == [5, 12, covered]
+    assert jobs[5] < jobs[12] < jobs[None]  # paired on the common slates
+    assert sets[12]["target_rank"].is_not_null().all()
+    assert rerank_eval.eval_slates(slates, "test", 12, seed=8)["user_id"].to_list() != sorted(
+        jobs[12]
+    )  # another seed, another draw
+
+
+def test_evaluation_scores_each_method_on_its_slates_paired_with_the_input_order(inputs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    cfg = SFTConfig(eval_slates=6, eval_batch_size=3, num_threads=1)
+    cfg = SFTConfig(eval_slates=4, scored_slates=None, eval_batch_size=3, num_threads=1)
     result = rerank_eval.run(inputs, cfg, out)
 
     assert set(result.files) == {"metrics", "answers", "report"}
@@ -81,14 +98,29 @@ def test_evaluation_scores_free_constrained_and_input_order_on_the_same_slates(i
     assert "answers.csv" in result.tables and "metrics.md" in result.texts
     answers = pl.read_parquet(out / "answers.parquet")
     slates = pl.read_parquet(inputs.slates)
-    methods = ["sft-rejection", "sft-rejection constrained", "sft-rejection scored", "preranker"]
+    table = pl.read_parquet(out / "metrics.parquet")
     for split in ("valid", "test"):
         part = answers.filter(pl.col("split") == split)
-        # the same 6 conditional slates (of 9 holding the target) for every method
-        jobs = {m: set(part.filter(pl.col("method") == m)["job"]) for m in methods}
-        assert (
-            all(len(j) == 6 for j in jobs.values()) and len(set(map(frozenset, jobs.values()))) == 1
+        jobs = {m: set(part.filter(pl.col("method") == m)["job"]) for m in part["method"]}
+        # the decoding methods on 4 slates, scoring and the input order on all 9 conditional
+        # slates (of 12), the 4 among the 9: every comparison is paired
+        decoded = jobs["sft-rejection"]
+        assert len(decoded) == 4 and jobs["sft-rejection constrained"] == decoded
+        scored_jobs = jobs["sft-rejection scored"]
+        assert len(scored_jobs) == 9 and jobs["preranker"] == scored_jobs
+        assert decoded < jobs["preranker"]
+        n = dict(
+            table.filter((pl.col("split") == split) & (pl.col("metric") == "recall@1"))
+            .filter(pl.col("mode") == "conditional")
+            .select("method", "n")
+            .iter_rows()
         )
+        assert n == {
+            "sft-rejection": 4,
+            "sft-rejection constrained": 4,
+            "sft-rejection scored": 9,
+            "preranker": 9,
+        }
         truth = slates.filter(pl.col("split") == split).with_columns(
             pl.format("{}:{}", "user_id", "position").alias("job")
         )
