@@ -41,6 +41,7 @@ from gr2_core.prompts import CoWatch, student_messages  # noqa: E402
 from gr2_core.report import replace_section, to_markdown  # noqa: E402
 from gr2_core.rerank_eval import eval_slates  # noqa: E402
 from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env  # noqa: E402
+from gr2_core.training import cpu_bf16  # noqa: E402
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
@@ -90,15 +91,12 @@ def main() -> None:
     print(prompt_row, flush=True)
     speed, latency = [], []
     hf = HFEngine(model, tok)
+    hf_name = f"transformers generate ({'bf16 autocast' if cpu_bf16() else 'fp32'})"
     for batch in (1, 8, 32):
         hf.batch_size = batch
         n = 8 if batch == 1 else len(messages)  # batch 1 is slow: 8 prompts are enough
-        speed.append(
-            throughput(
-                "transformers generate (fp32)", f"batch {batch}", hf, messages[:n], sids[:n], budget
-            )
-        )
-    latency += latencies("transformers (fp32)", hf, messages, sids, budget, args.latency_requests)
+        speed.append(throughput(hf_name, f"batch {batch}", hf, messages[:n], sids[:n], budget))
+    latency += latencies(hf_name, hf, messages, sids, budget, args.latency_requests)
     port = free_port()
     log = ROOT / "var" / "bench_generation_vllm.log"
     log.parent.mkdir(parents=True, exist_ok=True)

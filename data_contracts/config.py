@@ -640,7 +640,9 @@ class EngineConfig(StageConfig):
     concurrency: int = Field(16, ge=1, description="Requests in flight to the vLLM server.")
     kv_cache_gib: int = Field(2, ge=1, description="vLLM CPU KV cache size (GiB).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights' dtype on the vLLM server (auto: the model's own)."
+        "auto",
+        description="Weights' dtype on the vLLM server (auto: vLLM's choice on a GPU or a CPU "
+        "with native bf16, float32 on other CPUs, where vLLM's bf16 default is emulated).",
     )
     max_model_len: int = Field(2048, ge=256, description="Longest prompt + answer served.")
     start_timeout_s: float = Field(300.0, gt=0, description="Wait for the server to be up.")

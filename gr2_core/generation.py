@@ -549,9 +549,8 @@ def vllm_server(model_dir: str | Path, cfg, log_path: Path, dev_mode: bool = Fal
     from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env
 
     port = free_port()
-    extra = ["--dtype", cfg.dtype] if cfg.dtype != "auto" else []
     cmd = vllm_command(
-        str(vllm_python(cfg)), str(model_dir), SERVED_NAME, port, cfg.max_model_len, extra
+        str(vllm_python(cfg)), str(model_dir), SERVED_NAME, port, cfg.max_model_len, (), cfg.dtype
     )
     server = ManagedServer(
         cmd, port, log_path, vllm_env(cfg.kv_cache_gib, dev_mode=dev_mode), cfg.start_timeout_s

