@@ -187,8 +187,8 @@ def run(
     engine of `engine_cfg` (a vLLM server where installed, else transformers; None: transformers
     in this process); `scored` answers `cfg.scored_slates` (a superset) with transformers in this
     process, on the GPU when there is one: one forward pass a slate, no decoding for a server to
-    speed up (the tree-masked forward is 2.5x faster than scoring through vLLM's prompt
-    log-probabilities here, docs/generation.md)."""
+    speed up (on a 2-core CPU with native bf16 the tree-masked forward is about 2.5x faster
+    than scoring through vLLM's one-token requests, docs/generation.md)."""
     from transformers import AutoTokenizer
 
     from gr2_core.generation import backend_of, open_engine
@@ -314,7 +314,7 @@ def _evaluate(inputs: RerankEvalInputs, cfg: SFTConfig, out: Path, log: Log, eng
     described = "; ".join(f"{m}: {e.describe()}" for m, e in engines.items())
     markdown = (
         f"# {inputs.title}\n\nconditional: slates with the target; end_to_end: all slates of the "
-        f"split (coverage x conditional, both resampled for the interval); n: slates decoded; "
+        f"split (coverage x conditional, both resampled for the interval); n: slates answered; "
         f"value [95% bootstrap CI]; invalid answers count as misses; seconds = answer time "
         f"per slate ({described}); explanations budget-forced at "
         f"{inputs.prompt.max_explanation_tokens} tokens\n\n{to_markdown(pretty)}\n"
