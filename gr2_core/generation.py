@@ -95,8 +95,8 @@ class Engine:
     batch_size = 8
     score_batch_size: int | None = None  # slates per scoring call (None: batch_size)
 
-    def describe(self) -> str:
-        """The engine and its batching, for tables and logs."""
+    def describe(self, method: str | None = None) -> str:
+        """The engine and its batching for `method` (None: decoding), for tables and logs."""
         raise NotImplementedError
 
     def complete(self, prompts, machines, temperature=0.0, top_p=1.0, progress=None):
@@ -190,11 +190,15 @@ class HFEngine(Engine):
         # attention grows with the batch's padding): 0.42 s a slate at 1, 0.65 at 8 here
         self.score_batch_size = batch_size if model.device.type == "cuda" else 1
 
-    def describe(self) -> str:
+    def describe(self, method: str | None = None) -> str:
         from gr2_core.training import cpu_bf16
 
         fast = self.model.dtype == torch.bfloat16 or self.model.device.type == "cuda" or cpu_bf16()
-        return f"transformers generate ({'bf16' if fast else 'fp32'}), batch {self.batch_size}"
+        precision = "bf16" if fast else "fp32"
+        if method == "scored":
+            per = self.score_batch_size or self.batch_size
+            return f"transformers, one tree-masked forward per {per} slate(s) ({precision})"
+        return f"transformers generate ({precision}), batch {self.batch_size}"
 
     def complete(
         self,
@@ -328,7 +332,11 @@ class VLLMEngine(Engine):
         self.timeout_s = timeout_s
         self.retry = retry or Retry()
 
-    def describe(self) -> str:
+    def describe(self, method: str | None = None) -> str:
+        if method == "scored":
+            return (
+                f"vLLM server, one-token requests over the SID trie, {self.concurrency} in flight"
+            )
         return f"vLLM server, {self.concurrency} requests in flight"
 
     # -- transport ----------------------------------------------------------------------------

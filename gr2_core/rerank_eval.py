@@ -214,7 +214,7 @@ def run(
             shared = decoding and backend_of(engine_cfg) == "transformers"
             engines["scored"] = engines[decoding[0]] if shared else engine_for(local, "scorer.log")
         for method, engine in engines.items():
-            log.info("%s eval: %s answers from %s", inputs.label, method, engine.describe())
+            log.info("%s eval: %s answers from %s", inputs.label, method, engine.describe(method))
         return _evaluate(inputs, cfg, out, log, engines)
 
 
@@ -311,7 +311,7 @@ def _evaluate(inputs: RerankEvalInputs, cfg: SFTConfig, out: Path, log: Log, eng
     answers_table = pl.DataFrame(answers)
     answers_table.write_parquet(out / "answers.parquet")
     pretty = format_table(table, METRICS)
-    described = "; ".join(f"{m}: {e.describe()}" for m, e in engines.items())
+    described = "; ".join(f"{m}: {e.describe(m)}" for m, e in engines.items())
     markdown = (
         f"# {inputs.title}\n\nconditional: slates with the target; end_to_end: all slates of the "
         f"split (coverage x conditional, both resampled for the interval); n: slates answered; "

@@ -96,6 +96,10 @@ def test_evaluation_scores_each_method_on_its_slates_paired_with_the_input_order
     assert set(result.files) == {"metrics", "answers", "report"}
     assert all((out / f).exists() for f in result.files.values())
     assert "answers.csv" in result.tables and "metrics.md" in result.texts
+    # the table says how each method was answered: scoring decodes nothing
+    report = (out / "metrics.md").read_text()
+    assert "scored: transformers, one tree-masked forward per 1 slate(s)" in report
+    assert "free: transformers generate" in report
     answers = pl.read_parquet(out / "answers.parquet")
     slates = pl.read_parquet(inputs.slates)
     table = pl.read_parquet(out / "metrics.parquet")
