@@ -208,6 +208,12 @@ class StudentConfig(StageConfig):
         description="Tests and smoke runs only: a small randomly initialised model of the "
         "source's architecture (tiny_* sizes) with the source's real tokenizer.",
     )
+    sid_init: Literal["spelling", "mean"] = Field(
+        "spelling",
+        description="How the SID tokens' embedding rows start: spelling, the mean of the rows "
+        "of the tokens the base tokenizer writes each SID token with (SIDs distinct from the "
+        "start); mean, transformers' mean_resizing (every new row near the same vector).",
+    )
     tiny_hidden_size: int = Field(64, ge=8)
     tiny_layers: int = Field(2, ge=1)
     seed: int = 0

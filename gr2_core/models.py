@@ -7,8 +7,11 @@ any hub checkpoint. Any HF causal LM given by local path (or hub id where a hub 
 goes through the same function.
 
 SID tokens (`sidmap.sid_tokens`) are added as ordinary added tokens, so each is one token and
-decodes back to its text; new embedding rows (and output rows, tied or not) start at the mean of
-the existing rows (transformers' `mean_resizing`), which keeps the first logits sensible.
+decodes back to its text. Each new embedding row (and output row, tied or not) starts at the mean
+of the rows of the pieces the base tokenizer spells it with, less the pieces all SID tokens share
+(`<s_a_97>`: `s`, `a`, `9`, `7`): the rows differ by level and code from the first step, so the
+model can tell two SIDs apart and copy one from its prompt. transformers' `mean_resizing` alone
+(`student.sid_init: mean`) starts every new row at nearly the same vector (docs/midtraining.md).
 """
 
 from __future__ import annotations
@@ -71,12 +74,40 @@ def load_source(source: str | None) -> tuple[PreTrainedModel, PreTrainedTokenize
 
 
 def add_sid_vocabulary(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, levels: int, sizes: list[int]
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    levels: int,
+    sizes: list[int],
+    init: str = "spelling",
 ) -> int:
-    """Add one token per (level, code) plus the markers; returns how many were new."""
-    added = tok.add_tokens(sid_tokens(levels, sizes))
-    if added:
-        model.resize_token_embeddings(len(tok), mean_resizing=True)
+    """Add one token per (level, code) plus the markers; returns how many were new.
+
+    `init`: "spelling" starts each new row at the mean of its spelling's rows, "mean" leaves
+    transformers' `mean_resizing` (every new row near the mean of all old rows)."""
+    if init not in ("spelling", "mean"):
+        raise ValueError(f"SID embedding init {init!r}: expected 'spelling' or 'mean'")
+    tokens = sid_tokens(levels, sizes)
+    known = tok.get_vocab()
+    spelled = {t: tok.encode(t, add_special_tokens=False) for t in tokens if t not in known}
+    # the pieces every new token shares (`<`, `_`, `>`) carry nothing that tells two apart:
+    # each row is the mean of its own other pieces (`s`, `a`, `9`, `7` for `<s_a_97>`)
+    shared = set.intersection(*map(set, spelled.values())) if spelled else set()
+    spelled = {t: [i for i in ids if i not in shared] or ids for t, ids in spelled.items()}
+    added = tok.add_tokens(tokens)
+    if not added:
+        return 0
+    model.resize_token_embeddings(len(tok), mean_resizing=True)
+    if init == "spelling":
+        inputs = model.get_input_embeddings().weight
+        tables = [inputs]
+        outputs = model.get_output_embeddings()
+        if outputs is not None and outputs.weight.data_ptr() != inputs.data_ptr():
+            tables.append(outputs.weight)  # untied head: its rows from the same spelling
+        with torch.no_grad():
+            for token, pieces in spelled.items():
+                row = tok.convert_tokens_to_ids(token)
+                for table in tables:
+                    table[row] = table[pieces].mean(0)
     return added
 
 
@@ -111,14 +142,16 @@ def export_student(
     levels: int | None = None,
     sizes: list[int] | None = None,
     tiny: tuple[int, int, int] | None = None,
+    sid_init: str = "spelling",
 ) -> Path:
     """Write a self-contained student folder (weights, config, tokenizer), SID tokens added.
 
-    `tiny`: (hidden size, layers, seed) for a small random model of the same architecture.
+    `tiny`: (hidden size, layers, seed) for a small random model of the same architecture;
+    `sid_init`: how the SID tokens' rows start (`add_sid_vocabulary`).
     """
     model, tok = tiny_from(source, *tiny) if tiny else load_source(source)
     if levels is not None and sizes is not None:
-        add_sid_vocabulary(model, tok, levels, sizes)
+        add_sid_vocabulary(model, tok, levels, sizes, sid_init)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     out.mkdir(parents=True, exist_ok=True)
@@ -147,12 +180,13 @@ def run(inputs: StudentInputs, cfg: StudentConfig, out: Path, log: Log = LOG) ->
     sizes = [sid_cfg.codebook_size] * sid_cfg.levels + [sid_cfg.last_level_size]
     tiny = (cfg.tiny_hidden_size, cfg.tiny_layers, cfg.seed) if cfg.tiny else None
     log.info(
-        "student: exporting %s%s with %d SID levels",
+        "student: exporting %s%s with %d SID levels (new rows: %s)",
         cfg.source or "packaged SmolLM2-135M-Instruct (GGUF)",
         " as a tiny random model" if tiny else "",
         len(sizes),
+        "mean of each token's spelling" if cfg.sid_init == "spelling" else "mean_resizing",
     )
-    folder = export_student(out / "model", cfg.source, len(sizes), sizes, tiny)
+    folder = export_student(out / "model", cfg.source, len(sizes), sizes, tiny, cfg.sid_init)
     tok = AutoTokenizer.from_pretrained(folder)
     n_params = 0
     for shard in folder.glob("*.safetensors"):

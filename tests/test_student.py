@@ -25,12 +25,39 @@ def test_export_adds_sid_tokens_as_single_tokens(tiny, tmp_path):
     ids = tok.encode(sid, add_special_tokens=False)
     assert len(ids) == LEVELS + 2  # begin, one per level, end
     assert tok.decode(ids) == sid and decode_sid(tok.decode(ids)) == [1, 7, 0, 3]
-    # new rows start near the mean of the old ones, not at random
-    emb = model.get_input_embeddings().weight.detach()
-    n_new = 2 + LEVELS * SIZE
-    old_mean = emb[:-n_new].mean(0)
-    assert torch.allclose(emb[-n_new:].mean(0), old_mean, atol=0.05)
     assert add_sid_vocabulary(model, tok, LEVELS, [SIZE] * LEVELS) == 0  # idempotent
+
+
+def test_sid_rows_start_from_their_spelling_so_two_sids_differ(tiny):
+    base = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    old = model.get_input_embeddings().weight.detach().clone()
+    tok = AutoTokenizer.from_pretrained(tiny)
+    add_sid_vocabulary(model, tok, LEVELS, [SIZE] * LEVELS)
+    emb = model.get_input_embeddings().weight.detach()
+    assert model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()  # tied: one table
+
+    def row(token):
+        return emb[tok.convert_tokens_to_ids(token)]
+
+    # <s_a_7>: the mean of its own pieces, without the pieces every SID token shares (< _ >)
+    pieces = base.convert_ids_to_tokens(base.encode("<s_a_7>", add_special_tokens=False))
+    own = [p for p in pieces if p not in base.convert_ids_to_tokens(base.encode("<_>"))]
+    assert own and len(own) < len(pieces)
+    assert torch.allclose(row("<s_a_7>"), old[base.convert_tokens_to_ids(own)].mean(0))
+    # every new row is distinct: level and code tell two SID tokens apart from the first step
+    new_rows = emb[len(base) :]
+    assert len(new_rows) == 2 + LEVELS * SIZE
+    assert torch.cdist(new_rows, new_rows).add(torch.eye(len(new_rows))).min() > 1e-3
+
+    # transformers' mean_resizing alone: every new row at about the same vector
+    flat = AutoModelForCausalLM.from_pretrained(tiny)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    add_sid_vocabulary(flat, tok, LEVELS, [SIZE] * LEVELS, init="mean")
+    rows = flat.get_input_embeddings().weight.detach()[len(base) :]
+    assert torch.cdist(rows, rows).max() < 1e-3
+    with pytest.raises(ValueError, match="SID embedding init"):
+        add_sid_vocabulary(flat, AutoTokenizer.from_pretrained(tiny), 1, [2], init="random")
 
 
 def test_default_student_is_the_real_smollm2(tmp_path):
