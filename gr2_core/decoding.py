@@ -15,8 +15,9 @@ says, before each token, which tokens may come next, and learns each chosen toke
 - the explanation is the model's, except that it cannot end the answer inside it (EOS is
   banned); it ends when the model writes CLOSE's first token (`",`), or, once it holds
   `budget` tokens, CLOSE is written for it (budget forcing), so every answer reaches its list;
-- free list: the model writes the list and EOS; after `list_budget` tokens END and EOS are
-  written for it, so even a rambling list ends in parseable JSON;
+- free list: the model writes the list and its END (`"]}`), then EOS is written for it (END
+  closes the JSON, so nothing after it could belong to the answer); after `list_budget` tokens
+  END and EOS are written for it, so even a rambling list ends in parseable JSON;
 - slate list (`slate` given): only SIDs of the slate not yet listed, punctuation written, so the
   list is a permutation of the slate (the constrained method);
 - citations (`cite` given): a SID the explanation starts must be one of `cite` (the constrained
@@ -168,6 +169,7 @@ class AnswerMachine:
         self.phase = "explain"
         self.explained = 0  # explanation tokens so far
         self.listed = 0  # free-list tokens so far
+        self.tail: deque[int] = deque(maxlen=len(fmt.end))  # the free list's last tokens
         self.sid: list[int] = []  # the slate SID being written
         self._trie: SIDTrie | None = None
         self.cite = SIDTrie(cite) if cite is not None and fmt.sid_begin is not None else None
@@ -204,13 +206,14 @@ class AnswerMachine:
     def free_run(self) -> tuple[int, tuple[int, ...]]:
         """When `allowed()` is None, for an engine that samples several tokens per call: how
         many may come before the machine intervenes, and the tokens that end the stretch (the
-        machine changes state after them; the engine stops there, the token included)."""
+        machine may change state after them: the engine stops there, the token included, and
+        asks again)."""
         if self.phase == "explain":
             stops = (self.fmt.close[0],)
             if self.cite is not None:
                 stops += (self.fmt.sid_begin,)
             return max(self.budget - self.explained, 1), stops
-        return max(self.list_budget - self.listed, 1), (self.fmt.eos,)
+        return max(self.list_budget - self.listed, 1), (self.fmt.eos, self.fmt.end[-1])
 
     def allowed(self) -> tuple[int, ...] | None:
         if self.queue:
@@ -257,7 +260,11 @@ class AnswerMachine:
                 self.phase = "done"
             else:
                 self.listed += 1
-                if self.listed >= self.list_budget:
+                self.tail.append(token)
+                if tuple(self.tail) == tuple(self.fmt.end):  # the model closed its list
+                    self.queue.append(self.fmt.eos)
+                    self.phase = "done"
+                elif self.listed >= self.list_budget:
                     self._finish()
         elif self.phase == "list":
             self.sid.append(token)

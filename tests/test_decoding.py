@@ -103,6 +103,33 @@ def test_a_model_that_closes_itself_is_not_forced(sid_tok):
     assert not m.forced_close and list(m.queue) == list(fmt.close[1:])
 
 
+def test_a_free_list_ends_where_the_model_closes_it(sid_tok):
+    """The model's own END closes the JSON: EOS is written next, nothing after it is sampled."""
+    fmt = AnswerTokens.of(sid_tok)
+    m = AnswerMachine(fmt, budget=0, list_budget=200)  # no explanation: straight to the list
+    written = []
+    while m.queue:
+        written.append(m.allowed()[0])
+        m.push(written[-1])
+    assert m.allowed() is None and fmt.end[-1] in m.free_run()[1]  # a server stops there
+    listed = ids(sid_tok, SLATE[1]) + list(fmt.sep) + ids(sid_tok, SLATE[0]) + list(fmt.end)
+    for t in listed:
+        assert not m.done and m.allowed() is None
+        m.push(t)
+    assert m.allowed() == (fmt.eos,) and not m.done
+    m.push(fmt.eos)
+    assert m.done and m.listed == len(listed)
+    answer, reason = parse_answer(sid_tok.decode(written + listed))
+    assert reason == "ok" and answer.recommendations == [SLATE[1], SLATE[0]]
+    # a list cut short by its budget is still closed for the model
+    m = AnswerMachine(fmt, budget=0, list_budget=3)
+    while m.queue:
+        m.push(m.allowed()[0])
+    for t in ids(sid_tok, SLATE[2])[:3]:
+        m.push(t)
+    assert list(m.queue) == [*fmt.end, fmt.eos]
+
+
 def test_slate_list_is_a_permutation_with_forced_punctuation(sid_tok):
     fmt = AnswerTokens.of(sid_tok)
     slate = [ids(sid_tok, s) for s in SLATE]
