@@ -41,7 +41,6 @@ from gr2_core.prompts import CoWatch, student_messages  # noqa: E402
 from gr2_core.report import replace_section, to_markdown  # noqa: E402
 from gr2_core.rerank_eval import eval_slates  # noqa: E402
 from gr2_core.serving import ManagedServer, free_port, vllm_command, vllm_env  # noqa: E402
-from gr2_core.training import cpu_bf16  # noqa: E402
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
@@ -91,7 +90,7 @@ def main() -> None:
     print(prompt_row, flush=True)
     speed, latency = [], []
     hf = HFEngine(model, tok)
-    hf_name = f"transformers generate ({'bf16 autocast' if cpu_bf16() else 'fp32'})"
+    hf_name = f"transformers generate ({'bf16 autocast' if hf.precision == 'bf16' else 'fp32'})"
     for batch in (1, 8, 32):
         hf.batch_size = batch
         n = 8 if batch == 1 else len(messages)  # batch 1 is slow: 8 prompts are enough

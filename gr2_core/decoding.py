@@ -261,9 +261,8 @@ class AnswerMachine:
             else:
                 self.listed += 1
                 self.tail.append(token)
-                if tuple(self.tail) == tuple(self.fmt.end):  # the model closed its list
-                    self.queue.append(self.fmt.eos)
-                    self.phase = "done"
+                if tuple(self.tail) == self.fmt.end:  # the model closed its list
+                    self._finish(written=len(self.fmt.end))
                 elif self.listed >= self.list_budget:
                     self._finish()
         elif self.phase == "list":
@@ -280,8 +279,8 @@ class AnswerMachine:
         self.queue.extend(self.fmt.close[written:])
         self.phase = "done" if self.stop_after_close else "list"
 
-    def _finish(self) -> None:
-        self.queue.extend((*self.fmt.end, self.fmt.eos))
+    def _finish(self, written: int = 0) -> None:
+        self.queue.extend((*self.fmt.end[written:], self.fmt.eos))
         self.phase = "done"
 
 

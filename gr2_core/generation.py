@@ -190,11 +190,16 @@ class HFEngine(Engine):
         # attention grows with the batch's padding): 0.42 s a slate at 1, 0.65 at 8 here
         self.score_batch_size = batch_size if model.device.type == "cuda" else 1
 
-    def describe(self, method: str | None = None) -> str:
+    @property
+    def precision(self) -> str:
+        """bf16 where the model's matmuls run in bf16 (weights or autocast), else fp32."""
         from gr2_core.training import cpu_bf16
 
         fast = self.model.dtype == torch.bfloat16 or self.model.device.type == "cuda" or cpu_bf16()
-        precision = "bf16" if fast else "fp32"
+        return "bf16" if fast else "fp32"
+
+    def describe(self, method: str | None = None) -> str:
+        precision = self.precision
         if method == "scored":
             per = self.score_batch_size or self.batch_size
             return f"transformers, one tree-masked forward per {per} slate(s) ({precision})"
