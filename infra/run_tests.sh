@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The default test suite, as `make test` and CI run it. Extra arguments go to pytest.
 # Isolated Prefect home and MLflow store under a temporary folder; one thread per op
-# (tiny-model training on 2 cores runs up to 100x slower with 2 threads and another process busy).
+# (tiny-model training on 2 cores runs up to 100x slower with 2 threads and another process busy),
+# so the suite runs in GR2_TEST_WORKERS pytest-xdist workers (default 2, one a core; 0 = in this
+# process, e.g. for -s or a debugger), each taking one test file at a time (a file's servers and
+# module fixtures stay in one worker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -13,7 +16,12 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
 export HF_HUB_OFFLINE=1
 set +e
-"$VENV/bin/python" -m pytest "$@"
+workers=${GR2_TEST_WORKERS:-2}
+xdist=()
+if [ "$workers" != "0" ]; then
+  xdist=(-n "$workers" --dist loadfile)
+fi
+"$VENV/bin/python" -m pytest "${xdist[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -322,6 +322,7 @@ def _kill_after_first_attempt(server: ManagedServer, path: Path, thread: threadi
 @pytest.mark.slow
 def test_a_server_killed_mid_run_is_survived_and_resumed(teacher_model, catalogue_jobs, tmp_path):
     cat, jobs = catalogue_jobs
+    jobs = jobs[:2]  # two slates show the same as three, and each phase samples them all again
     port = free_port()
     server = _server(teacher_model, tmp_path / "server.log", port).start()
     results = {}
