@@ -340,7 +340,7 @@ def test_a_server_killed_mid_run_is_survived_and_resumed(teacher_model, catalogu
 
     try:
         # 1. killed and back within the retry budget: the requests in flight are retried (the
-        # budget, about 8 minutes of 8 s waits, outlasts a restart on a CPU busy with other tests)
+        # budget, about 6 minutes of waits of at most 8 s, outlasts a restart on a busy CPU)
         path = tmp_path / "retried.jsonl"
         thread = shard(path, Retry(60, 1.0, 8.0), "retried")
         _kill_after_first_attempt(server, path, thread)
