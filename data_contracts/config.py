@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data_contracts.rerankers import (
+    LLM_TRACE_MODES,
     RL_VARIANTS,
-    TRACE_MODES,
     CandidateName,
     TraceMode,
     VariantName,
@@ -362,8 +362,9 @@ class TeacherConfig(StageConfig):
         "(continue_final_message + choice), so every answer is a permutation.",
     )
     modes: list[TraceMode] = Field(
-        default_factory=lambda: list(TRACE_MODES),
-        description="Trace sets to generate (one SFT model each).",
+        default_factory=lambda: list(LLM_TRACE_MODES),
+        description="Trace sets to generate (one SFT model each): targeted and rejection from "
+        "the teacher model; grounded (an ablation) composed from the prompt's facts, no model.",
     )
     slates: int = Field(200, ge=1, description="Training slates to explain (one per user).")
     max_attempts: int = Field(4, ge=1, description="Tries per slate until one is accepted.")

@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-TRACE_MODES = ("targeted", "rejection")  # SPEC section 4; the teacher runs them in this order
+# SPEC section 4's two teacher modes, then `grounded`: rationales composed from the prompt's facts
+# (gr2_core.grounded), the ablation of issue 21; the teacher runs them in this order
+TRACE_MODES = ("targeted", "rejection", "grounded")
+LLM_TRACE_MODES = ("targeted", "rejection")  # the modes a teacher model answers (the default)
 TWIN = "twin"  # in `RLVariant.compare_with`: the conditional variant with the same SFT start
 
 

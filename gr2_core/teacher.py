@@ -12,6 +12,8 @@
   answer is a permutation of the slate; the top-1 stays the teacher's choice). The API key comes
   from the caller (environment variable or secret store) and is never logged or repr'd.
 - `HFTeacher`: a local transformers model, left-padded batched sampling.
+- `gr2_core.grounded.GroundedTeacher` (mode `grounded`): no model; it composes the answer from
+  the request's slate and the facts its prompt shows.
 
 Whatever a backend promises, the caller's parser and filter stay strict.
 """
@@ -25,7 +27,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -36,12 +38,15 @@ StructuredOutput = Literal["json_schema", "json_object", "none"]
 
 @dataclass(frozen=True)
 class TeacherRequest:
-    """One prompt: `n` samples wanted, a seed, the slate's SIDs for structured decoding."""
+    """One prompt: `n` samples wanted, a seed, the slate's SIDs for structured decoding, and
+    the slate it was written from (`slate_facts`: the traces stage's job; only the grounded
+    teacher reads it, model teachers answer the messages)."""
 
     messages: list[dict[str, str]]
     n: int = 1
     seed: int = 0
     slate: tuple[str, ...] = ()
+    slate_facts: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 the rejection filter's statistics.
 
 Modes (SPEC section 4): `targeted` reveals the target and asks the teacher to explain it;
-`rejection` reveals nothing. In both, an attempt is kept only if `check_answer` accepts it with
-the target first; a slate gets up to `max_attempts` attempts, stopping at the first accepted.
+`rejection` reveals nothing; `grounded` (an ablation, `gr2_core.grounded`) asks no model and
+composes the answer from the prompt's facts, knowing the target. In all, an attempt is kept
+only if `check_answer` accepts it with the target first; a slate gets up to `max_attempts`
+attempts, stopping at the first accepted.
 
 Every attempt is one JSON line in its shard's file (`shard-NNN.jsonl`): slate id, attempt number,
 prompt hash, seed, raw output, finish reason, accepted or the rejection reason. Lines are appended
@@ -20,7 +22,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import polars as pl
 from data_contracts.config import PromptConfig, TeacherConfig
 from data_contracts.rerankers import TRACE_MODES
 from gr2_core.catalogue import Catalogue
+from gr2_core.grounded import GroundedTeacher
 from gr2_core.output import Log, StageOutput, Summary
 from gr2_core.prompts import CoWatch, build_messages, check_answer
 from gr2_core.serving import ManagedServer, free_port, server_python, vllm_command, vllm_env
@@ -46,6 +49,7 @@ from gr2_core.teacher import (
 log = logging.getLogger(__name__)
 
 MODES = TRACE_MODES  # data_contracts.rerankers
+GROUNDED = "grounded"  # no teacher model: gr2_core.grounded composes the answer
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def job_messages(
     """The teacher's prompt for one job: the student's, with the target in targeted mode, and
     the same reasoning budget."""
     notes = cowatch.notes(job.user_id, job.history, job.candidates) if cowatch else None
-    target = job.target if mode == "targeted" else None
+    target = job.target if mode == "targeted" else None  # grounded: its prompt is the student's
     return build_messages(
         job.history, job.candidates, cat, knowledge, notes, target, max_explanation_tokens
     )
@@ -208,7 +212,9 @@ def run_shard(
                 n = min(samples_per_request, max_attempts - first)
                 job_seed = seed + int(hashlib.sha256(j.job_id.encode()).hexdigest()[:6], 16)
                 slate = tuple(cat.sid[c] for c in j.candidates)
-                requests.append(TeacherRequest(messages[j.job_id], n, job_seed + first, slate))
+                requests.append(
+                    TeacherRequest(messages[j.job_id], n, job_seed + first, slate, slate_facts=j)
+                )
                 owners.append((j, first))
             round_failed = 0
 
@@ -521,9 +527,16 @@ def run(
     log.info("traces: %d slates in %d shards, modes %s", len(jobs), len(parts), cfg.modes)
     result = StageOutput({}, scratch=["teacher_model"])
     failures = []
-    with open_teacher(cfg, out, inputs.api_key, log) as teacher:
-        ctx = ShardContext(cat, teacher, cfg, prompt, cowatch)
+    model_modes = [m for m in cfg.modes if m != GROUNDED]
+    opened = open_teacher(cfg, out, inputs.api_key, log) if model_modes else nullcontext(None)
+    with opened as model_teacher:
         for mode in cfg.modes:
+            teacher = (
+                GroundedTeacher(cat, cowatch, prompt.knowledge)
+                if mode == GROUNDED
+                else model_teacher
+            )
+            ctx = ShardContext(cat, teacher, cfg, prompt, cowatch)
             (out / mode).mkdir(exist_ok=True)
             shards = [
                 Shard(mode, k, p, out / mode / f"shard-{k:03d}.jsonl") for k, p in enumerate(parts)

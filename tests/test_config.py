@@ -8,6 +8,7 @@ from data_contracts.config import (
     PipelineConfig,
     RLConfig,
     SFTConfig,
+    TeacherConfig,
     load_profile,
 )
 
@@ -155,8 +156,16 @@ def test_rerankers_are_declared_once_and_the_config_follows_the_declarations():
     candidates = schema["RegistryConfig"]["properties"]["candidate"]["enum"]
     assert candidates == ["auto", "midtrain", *r.RERANKER_STAGES]
     assert r.eval_stage("rl_unconditional") == "rl_eval_unconditional"
-    # the ablation never becomes the run's registered reranker
-    assert r.registry_order() == ["rl_rejection", "rl_targeted", "sft_rejection", "sft_targeted"]
+    # the RL ablation never becomes the run's registered reranker; grounded SFT only when no
+    # model-teacher SFT is trained
+    assert r.registry_order() == [
+        "rl_rejection",
+        "rl_targeted",
+        "sft_rejection",
+        "sft_targeted",
+        "sft_grounded",
+    ]
+    assert TeacherConfig().modes == list(r.LLM_TRACE_MODES) == ["targeted", "rejection"]
     cfg = load_profile("ci", {"rl.variants": ["unconditional"], "teacher.modes": ["rejection"]})
     assert cfg.registry_candidate() == "sft_rejection"
     # GR2 is compared with the other start; the ablation with the conditional run of its start
