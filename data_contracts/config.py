@@ -825,6 +825,10 @@ class PipelineConfig(StageConfig):
         return self
 
 
+class ProfileError(ValueError):
+    """A profile file or an override that cannot be read as settings (the message says which)."""
+
+
 def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> PipelineConfig:
     """Load a YAML profile (a name in infra/configs/ or a path) over the defaults."""
     return PipelineConfig.model_validate(read_profile(name_or_path, PROFILES_DIR, overrides))
@@ -855,9 +859,10 @@ def read_profile(
     if not path.exists():
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise FileNotFoundError(f"profile {name_or_path!r} not found ({path}); known: {known}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    with path.open(encoding="utf-8") as f:  # a YAML error then names the file
+        raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
-        raise ValueError(
+        raise ProfileError(
             f"profile {path}: expected a mapping of settings, got {type(raw).__name__}"
         )
     raw.setdefault("profile", path.stem)
@@ -871,14 +876,17 @@ def read_profile(
             beside = path.parent / f"{base}.yaml"
             base_path = beside if beside.exists() else folder / f"{base}.yaml"
         if base_path.resolve() in chain:
-            raise ValueError(f"profile {path}: `base: {base}` makes a cycle")
+            raise ProfileError(f"profile {path}: `base: {base}` makes a cycle")
         parent = read_profile(base_path, folder, None, chain)
         parent.pop("profile", None)
         raw = _merged(parent, raw)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                section = ".".join(parents[: depth + 1])
+                raise ProfileError(f"--set {dotted}: {section} is a value, not a section")
         node[leaf] = value
     return raw

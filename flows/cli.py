@@ -22,14 +22,67 @@ from pathlib import Path
 import yaml
 
 
+class UsageError(Exception):
+    """A mistake on the command line or in a file the user gave, said so they can fix it."""
+
+
+def config_message(err: BaseException) -> str:
+    """What to tell the user about a config that cannot be loaded: each bad field with its value,
+    or the YAML file and line, or the missing profile."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        lines = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"]) or "(the whole config)"
+            got = f" (got {e['input']!r})" if e["type"] != "missing" else ""
+            lines.append(f"  {field}: {e['msg']}{got}")
+        return f"invalid config ({err.title}):\n" + "\n".join(lines)
+    if isinstance(err, yaml.YAMLError):
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        return f"broken YAML in {where or 'a config file'}: {problem}"
+    return str(err)
+
+
+def _load(loader, args: argparse.Namespace):
+    """The command's config (`--config` or `--profile`, then every `--set`); a config the user
+    got wrong is a UsageError naming the field, file or line."""
+    from pydantic import ValidationError
+
+    from data_contracts.config import ProfileError
+
+    try:
+        return loader(args.config or args.profile, _parse_sets(args.set))
+    except (ValidationError, yaml.YAMLError, ProfileError, FileNotFoundError) as err:
+        raise UsageError(config_message(err)) from err
+
+
 def _parse_sets(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE (e.g. preranker.epochs=3), got {pair!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise UsageError(f"--set {pair}: the value is not YAML ({err})") from err
     return out
+
+
+def _check_data_files(config) -> None:
+    """The files a custom dataset names exist, before any stage starts."""
+    if config.data.dataset != "custom":
+        return
+    for field in ("interactions_path", "items_path", "users_path"):
+        path = getattr(config.data, field)
+        if path and not Path(path).is_file():
+            raise UsageError(
+                f"data.{field}: no such file {path!r} (relative paths start in {Path.cwd()}); "
+                "check it with `gr2 validate`"
+            )
 
 
 def _run_flow(flow_fn, config, refresh: bool):
@@ -90,7 +143,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.gr2_pipeline import gr2_pipeline
     from tasks.report import record
 
-    config = load_profile(args.config or args.profile, _parse_sets(args.set))
+    config = _load(load_profile, args)
+    _check_data_files(config)
     result = _run_flow(gr2_pipeline, config, args.refresh)
     command = _command(args, "run")
     record(result, command=command)
@@ -103,7 +157,7 @@ def cmd_ctc(args: argparse.Namespace) -> int:
     from flows.ctc_summarization import ctc_summarization
     from tasks.report import record
 
-    config = load_ctc_profile(args.config or args.profile, _parse_sets(args.set))
+    config = _load(load_ctc_profile, args)
     result = _run_flow(ctc_summarization, config, args.refresh)
     command = _command(args, "ctc")
     record(result, command=command)
@@ -121,7 +175,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tasks.tracking import resolve_uri
 
     loader = load_ctc_profile if args.ctc else load_profile
-    config = loader(args.config or args.profile, _parse_sets(args.set))
+    config = _load(loader, args)
     uri = args.tracking_uri or resolve_uri(config)
     run_id = args.run_id or latest_run(uri, config.tracking.experiment, config.profile)
     result, logged = read_run(uri, run_id)
@@ -171,7 +225,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace):
     from data_contracts.config import load_profile
 
-    return load_profile(args.config or args.profile, _parse_sets(args.set))
+    return _load(load_profile, args)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -232,7 +286,14 @@ def cmd_profiles(_: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gr2", description=__doc__.splitlines()[0])
+    debug = "show the traceback of a user error (a bad config, file or option) too"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    common = argparse.ArgumentParser(add_help=False)  # the same flag after the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:  # --debug after the command too
+        return sub.add_parser(name, parents=[common], **kw)
 
     def flow_options(cmd: argparse.ArgumentParser, profiles: str) -> None:
         cmd.add_argument(
@@ -262,17 +323,17 @@ def main(argv: list[str] | None = None) -> int:
             "--rl-doc", help="DAPO curves (a PNG under img/ beside it) and the RL tables"
         )
 
-    run = sub.add_parser("run", help="run the GR2 pipeline flow")
+    run = command("run", help="run the GR2 pipeline flow")
     flow_options(run, "infra/configs/")
     run.add_argument("--refresh", action="store_true", help="ignore cached stage results")
     doc_options(run, pipeline=True)
     run.set_defaults(func=cmd_run)
-    ctc = sub.add_parser("ctc", help="run the CTC summarization flow")
+    ctc = command("ctc", help="run the CTC summarization flow")
     flow_options(ctc, "infra/configs/ctc/")
     ctc.add_argument("--refresh", action="store_true", help="ignore cached stage results")
     doc_options(ctc, pipeline=False)
     ctc.set_defaults(func=cmd_ctc)
-    rep = sub.add_parser(
+    rep = command(
         "report", help="print and write the docs sections of a finished run (no stage runs)"
     )
     flow_options(rep, "infra/configs/ (its tracking settings)")
@@ -286,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         ("rollback", cmd_rollback, "move the champion alias back to previous-champion"),
         ("serve", cmd_serve, "serve a registered reranker alias over HTTP (127.0.0.1)"),
     ):
-        cmd = sub.add_parser(name, help=text)
+        cmd = command(name, help=text)
         cmd.add_argument("--profile", default="demo", help="the profile whose registry to use")
         cmd.add_argument("--config", help="a YAML config file (overrides --profile)")
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -297,19 +358,26 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("--alias", default="champion")
             cmd.add_argument("--host", default="127.0.0.1")
             cmd.add_argument("--port", type=int, default=5001)
-    val = sub.add_parser("validate", help="check your own data files against the contracts")
+    val = command("validate", help="check your own data files against the contracts")
     val.add_argument("--interactions", required=True)
     val.add_argument("--items", required=True)
     val.add_argument("--users")
     val.add_argument("--min-user-interactions", type=int, default=5)
     val.add_argument("--min-item-interactions", type=int, default=5)
     val.set_defaults(func=cmd_validate)
-    prof = sub.add_parser("profiles", help="list the config profiles")
+    prof = command("profiles", help="list the config profiles")
     prof.set_defaults(func=cmd_profiles)
     args = parser.parse_args(argv)
     if os.environ.get("PREFECT_HOME"):  # Prefect does not create missing parents itself
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        if args.debug:
+            raise
+        print(f"gr2 {args.command}: {err}", file=sys.stderr)
+        print("(gr2 --debug ... shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

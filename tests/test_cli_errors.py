@@ -1,0 +1,105 @@
+"""User mistakes at the command line: one message naming the field, file, line or option, exit
+code 2 and no traceback; `--debug` shows the traceback. Each case stops before any stage runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from flows.cli import UsageError, main
+
+
+def _bad(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+CASES = {
+    "unknown profile": (["run", "--profile", "nope"], ["profile 'nope' not found", "known:"]),
+    "missing config file": (
+        ["run", "--config", "no/such.yaml"],
+        ["profile 'no/such.yaml' not found"],
+    ),
+    "negative epochs": (
+        ["run", "--profile", "ci", "--set", "preranker.epochs=-1"],
+        ["invalid config", "preranker.epochs", "greater than or equal to 1", "got -1"],
+    ),
+    "misspelt field": (
+        ["run", "--profile", "ci", "--set", "preranker.epoch=3"],
+        ["preranker.epoch: Extra inputs are not permitted"],
+    ),
+    "unknown trace mode": (
+        ["run", "--profile", "ci", "--set", "teacher.modes=[targetted]"],
+        ["teacher.modes.0", "'targeted', 'rejection' or 'grounded'", "got 'targetted'"],
+    ),
+    "wrong type": (
+        ["run", "--profile", "ci", "--set", "sft.lr=fast"],
+        ["sft.lr", "valid number", "got 'fast'"],
+    ),
+    "--set without a value": (
+        ["run", "--profile", "ci", "--set", "preranker.epochs"],
+        ["--set expects KEY=VALUE", "'preranker.epochs'"],
+    ),
+    "--set value not YAML": (
+        ["run", "--profile", "ci", "--set", "teacher.modes=[rejection"],
+        ["--set teacher.modes=[rejection: the value is not YAML"],
+    ),
+    "--set into a value": (
+        ["run", "--profile", "ci", "--set", "profile.name=x"],
+        ["--set profile.name: profile is a value, not a section"],
+    ),
+    "promote with an unknown profile": (
+        ["promote", "--profile", "nope"],
+        ["gr2 promote: profile 'nope' not found"],
+    ),
+    "ctc with a bad field": (
+        ["ctc", "--profile", "ci", "--set", "ctc.nope=1"],
+        ["invalid config", "ctc.nope: Extra inputs are not permitted"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_user_mistake_is_one_message_and_exit_code_2(case, capsys):
+    argv, expected = CASES[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err, f"{case}: {text!r} not in {err!r}"
+    assert "Traceback" not in err and "--debug" in err
+
+
+def test_broken_files_are_named_with_their_line(tmp_path, capsys):
+    broken = _bad(tmp_path, "broken.yaml", "preranker:\n  epochs: [1, 2\nsft: {}\n")
+    assert main(["run", "--config", broken]) == 2
+    err = capsys.readouterr().err
+    assert f"broken YAML in {broken}, line 3" in err
+    listed = _bad(tmp_path, "list.yaml", "- preranker\n- sft\n")
+    assert main(["run", "--config", listed]) == 2
+    assert "expected a mapping of settings, got list" in capsys.readouterr().err
+    cycle = _bad(tmp_path, "self.yaml", "base: self.yaml\n")
+    assert main(["run", "--config", cycle]) == 2
+    assert "makes a cycle" in capsys.readouterr().err
+
+
+def test_a_missing_data_file_is_named_before_any_stage_runs(tmp_path, capsys):
+    items = _bad(tmp_path, "items.csv", "item_id,title\n")
+    sets = ["data.dataset=custom", f"data.items_path={items}"]
+    sets.append(f"data.interactions_path={tmp_path / 'gone.csv'}")
+    argv = ["run", "--profile", "ci", *(a for s in sets for a in ("--set", s))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"data.interactions_path: no such file '{tmp_path / 'gone.csv'}'" in err
+    assert "gr2 validate" in err
+
+
+def test_debug_shows_the_traceback_before_or_after_the_command():
+    with pytest.raises(UsageError) as err:
+        main(["--debug", "run", "--profile", "ci", "--set", "preranker.epochs=-1"])
+    assert isinstance(err.value.__cause__, ValidationError)
+    with pytest.raises(UsageError) as err:
+        main(["run", "--profile", "nope", "--debug"])
+    assert isinstance(err.value.__cause__, FileNotFoundError)
