@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 class UsageError(Exception):
     """A mistake on the command line or in a file the user gave, said so they can fix it."""
@@ -260,6 +262,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "MLFLOW_TRACKING_URI": resolve_uri(config),
         "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",  # the server runs uvicorn
     }
+    if args.host not in LOOPBACK:
+        print(
+            f"warning: --host {args.host} makes the model reachable from other machines; the "
+            "scoring server has no authentication (put it behind one, or keep 127.0.0.1)",
+            file=sys.stderr,
+        )
     print(f"serving {uri} from {env['MLFLOW_TRACKING_URI']} on http://{args.host}:{args.port}")
     print(
         f"  curl -s http://{args.host}:{args.port}/invocations -H 'Content-Type: application/json' "
@@ -356,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("--version", help="registered version (default: the challenger)")
         if name == "serve":
             cmd.add_argument("--alias", default="champion")
-            cmd.add_argument("--host", default="127.0.0.1")
+            cmd.add_argument(
+                "--host", default="127.0.0.1", help="another address warns: no authentication"
+            )
             cmd.add_argument("--port", type=int, default=5001)
     val = command("validate", help="check your own data files against the contracts")
     val.add_argument("--interactions", required=True)

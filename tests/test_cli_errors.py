@@ -103,3 +103,22 @@ def test_debug_shows_the_traceback_before_or_after_the_command():
     with pytest.raises(UsageError) as err:
         main(["run", "--profile", "nope", "--debug"])
     assert isinstance(err.value.__cause__, FileNotFoundError)
+
+
+@pytest.mark.parametrize("host,warned", [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_serving_beyond_this_machine_is_warned_about(host, warned, monkeypatch, capsys):
+    """`gr2 serve` binds 127.0.0.1 by default; another address works but says that the
+    scoring server has no authentication. (The exec of `mlflow models serve` is stopped here:
+    the deployment test serves for real.)"""
+    launched = []
+
+    def execve(path, argv, env):
+        launched.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("os.execve", execve)
+    with pytest.raises(SystemExit):
+        main(["serve", "--profile", "ci", "--host", host, "--port", "5999"])
+    assert launched[0][launched[0].index("-h") + 1] == host
+    err = capsys.readouterr().err
+    assert ("no authentication" in err) is warned
