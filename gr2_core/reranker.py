@@ -50,6 +50,11 @@ class RerankSettings(BaseModel):
     prompt: PromptConfig = PromptConfig()
     method: AnswerMethod = "scored"
     batch_size: int = 8
+    # request limits: a request past one is refused (HTTP 400 from the scoring server) with
+    # the limit named, before any work; the prompt shows the last `prompt.history_items` only
+    max_rows: int = 64
+    max_candidates: int = 100
+    max_history: int = 5000
 
     @model_validator(mode="before")
     @classmethod
@@ -89,9 +94,17 @@ def save_bundle(
 
 
 def check_request(
-    row: int, history: object, candidates: object, known: Mapping[str, str]
+    row: int,
+    history: object,
+    candidates: object,
+    known: Mapping[str, str],
+    limits: RerankSettings | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Validate one request; returns (history, candidates) as lists of item ids."""
+    """Validate one request; returns (history, candidates) as lists of item ids. `limits`: the
+    bundle's `max_history` and `max_candidates` (None: no limits)."""
+    most = {}
+    if limits is not None:
+        most = {"history": limits.max_history, "candidates": limits.max_candidates}
 
     def items(field: str, value: object) -> list[str]:
         if value is None:
@@ -100,6 +113,11 @@ def check_request(
             raise RerankRequestError(
                 f"row {row}: field '{field}' must be a list of item ids, got "
                 f"{type(value).__name__} {str(value)[:80]!r}"
+            )
+        if field in most and len(value) > most[field]:
+            raise RerankRequestError(
+                f"row {row}: field '{field}' has {len(value)} items; this model takes at most "
+                f"{most[field]} (max_{field} in its settings)"
             )
         out = [str(v) for v in value]
         unknown = [v for v in out if v not in known]
@@ -156,13 +174,18 @@ class Reranker:
         `valid` and `reason` (the filter's verdict on the model's answer), `seconds`."""
         from gr2_core.generation import HFEngine
 
+        s = self.settings
+        if len(histories) > s.max_rows:
+            raise RerankRequestError(
+                f"{len(histories)} rows in one request; this model takes at most {s.max_rows} "
+                "(max_rows in its settings): split the request"
+            )
         requests = [
-            check_request(i, h, c, self.cat.sid)
+            check_request(i, h, c, self.cat.sid, s)
             for i, (h, c) in enumerate(zip(histories, candidates, strict=True))
         ]
         users = [str(u) if u is not None else "" for u in (user_ids or [""] * len(requests))]
         prompts = [self.messages(u, h, c) for u, (h, c) in zip(users, requests, strict=True)]
-        s = self.settings
         slates = [[self.cat.sid[c] for c in cands] for _, cands in requests]
         start = time.perf_counter()
         engine = HFEngine(self.model, self.tok, s.batch_size)

@@ -9,7 +9,8 @@ pyyaml, pandera, scipy).
 Input: a DataFrame with columns `history` and `candidates` (lists of item ids) and optional
 `user_id`. Output: a DataFrame with `recommendations` (the candidates, best first),
 `explanation`, `valid` and `reason` (the answer filter's verdict) and `seconds`. A request with an
-unknown item, an empty or duplicated candidate list, or a missing column is refused with
+unknown item, an empty or duplicated candidate list, a missing column, or more rows, candidates
+or history items than the bundle's limits (`RerankSettings.max_*`) is refused with
 INVALID_PARAMETER_VALUE (HTTP 400 from the scoring server) naming the row and the field.
 """
 

@@ -181,6 +181,25 @@ def test_bad_requests_name_the_row_field_and_value(bundle, history, candidates, 
         Reranker(bundle).rerank([history], [candidates])
 
 
+def test_requests_past_the_bundles_limits_are_refused_naming_the_limit(bundle):
+    """Too many rows, candidates or history items: refused before any work (the scoring
+    server's 400), the limit and its setting named; at the limit, answered."""
+    reranker = Reranker(bundle)
+    reranker.settings = reranker.settings.model_copy(
+        update={"max_rows": 2, "max_candidates": 3, "max_history": 4}
+    )
+    cands = ["i2", "i3", "i4"]
+    with pytest.raises(RerankRequestError, match=re.escape("3 rows in one request; this model")):
+        reranker.rerank([["i0"]] * 3, [cands] * 3)
+    with pytest.raises(RerankRequestError, match=re.escape("at most 3 (max_candidates")):
+        reranker.rerank([["i0"]], [[*cands, "i5"]])
+    with pytest.raises(RerankRequestError, match=re.escape("'history' has 5 items; this model")):
+        reranker.rerank([["i0", "i1", "i5", "i6", "i7"]], [cands])
+    out = reranker.rerank([["i0", "i1", "i5", "i6"]] * 2, [cands] * 2)
+    assert [sorted(a["recommendations"]) for a in out] == [cands, cands]
+    assert RerankSettings(variant="x").max_candidates == 100  # the defaults a bundle gets
+
+
 # -- registry: registration, promotion on another set, rollback ---------------------------------
 def test_promotion_rescores_a_champion_from_another_set_and_rolls_back(bundle, tmp_path):
     from mlflow.tracking import MlflowClient
