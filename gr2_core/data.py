@@ -121,10 +121,15 @@ def read_text_table(path: Path) -> pl.DataFrame:
     """Read a CSV/TSV/RecBole atomic file as all-text columns, or a parquet file as is."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found")
+    if not path.is_file():
+        raise ContractError(str(path), [Problem(None, "not a file (a directory?)")])
     if path.stat().st_size == 0:
         raise ContractError(str(path), [Problem(None, "empty file (no header, no rows)")])
     if path.suffix.lower() == ".parquet":
-        df = pl.read_parquet(path)
+        try:
+            df = pl.read_parquet(path)
+        except (pl.exceptions.PolarsError, OSError) as err:
+            raise ContractError(str(path), [Problem(None, f"unreadable parquet: {err}")]) from None
     else:
         _check_utf8(path)
         sep = "," if path.suffix.lower() == ".csv" else "\t"
@@ -137,7 +142,12 @@ def read_text_table(path: Path) -> pl.DataFrame:
             )
         except pl.exceptions.PolarsError as err:
             raise ContractError(str(path), [Problem(None, f"unreadable: {err}")]) from None
-        df = df.rename({c: c.split(":")[0].strip() for c in df.columns})
+        names = [c.split(":")[0].strip() for c in df.columns]  # RecBole's `name:type`
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            problem = f"column names repeat (after dropping any `:type` suffix): {twice}"
+            raise ContractError(str(path), [Problem(None, problem)])
+        df = df.rename(dict(zip(df.columns, names, strict=True)))
     if df.height == 0:
         raise ContractError(str(path), [Problem(None, "no data rows (header only)")])
     return df
@@ -153,12 +163,13 @@ def coerce(
         if col not in df.columns or df.schema[col] == dtype:
             continue
         src = pl.col(col)
-        if dtype == pl.Int64 and df.schema[col] == pl.Utf8:
-            as_float = src.str.strip_chars().cast(pl.Float64, strict=False)
-            cast = pl.when(as_float == as_float.floor()).then(as_float.cast(pl.Int64))
-        elif dtype == pl.Int64:
-            cast = src.cast(pl.Float64, strict=False)
-            cast = pl.when(cast == cast.floor()).then(cast.cast(pl.Int64))
+        if dtype == pl.Int64:  # whole numbers only: NaN, infinities, fractions and
+            # values past the int64 range become nulls, reported below
+            as_float = src.cast(pl.Float64, strict=False)
+            if df.schema[col] == pl.Utf8:
+                as_float = src.str.strip_chars().cast(pl.Float64, strict=False)
+            whole = as_float.is_finite() & (as_float == as_float.floor())
+            cast = pl.when(whole).then(as_float.cast(pl.Int64, strict=False))
         elif dtype == pl.Float64 and df.schema[col] == pl.Utf8:
             cast = src.str.strip_chars().cast(pl.Float64, strict=False)
         else:
