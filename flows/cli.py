@@ -179,7 +179,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     loader = load_ctc_profile if args.ctc else load_profile
     config = _load(loader, args)
     uri = args.tracking_uri or resolve_uri(config)
-    run_id = args.run_id or latest_run(uri, config.tracking.experiment, config.profile)
+    try:
+        run_id = args.run_id or latest_run(uri, config.tracking.experiment, config.profile)
+    except ValueError as err:  # no finished run of the profile
+        raise UsageError(str(err)) from err
     result, logged = read_run(uri, run_id)
     if result.flow == "ctc-summarization":
         config = CTCFlowConfig(**logged)
@@ -230,10 +233,41 @@ def _config(args: argparse.Namespace):
     return _load(load_profile, args)
 
 
+def registered_version(config, version: str = "", alias: str = ""):
+    """The registered model's `version` (or the version under `alias`), checked before any
+    flow starts; a name, version or alias that is not there is a UsageError saying what is."""
+    from tasks.registry import alias_version, client_for
+    from tasks.tracking import resolve_uri
+
+    uri, name = resolve_uri(config), config.registry.model_name
+    client = client_for(uri)
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    if not versions:
+        raise UsageError(
+            f"no registered model {name!r} at {uri}: run the pipeline first (`gr2 run`), or "
+            "point registry.model_name / tracking at the registry that has it"
+        )
+    if version:
+        if not version.isdigit() or int(version) not in versions:
+            raise UsageError(f"{name} has no version {version!r}; its versions: {versions}")
+        return client.get_model_version(name, version)
+    mv = alias_version(client, name, alias)
+    if mv is None:
+        aliases = sorted(client.get_registered_model(name).aliases)
+        raise UsageError(
+            f"{name} has no version with alias {alias!r} (aliases: {aliases or 'none'}; "
+            f"versions: {versions})"
+        )
+    return mv
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from flows.registry import gr2_promote
+    from tasks.registry import CHALLENGER
 
-    print(gr2_promote(_config(args), args.version or ""))
+    config = _config(args)
+    registered_version(config, args.version or "", CHALLENGER)
+    print(gr2_promote(config, args.version or ""))
     return 0
 
 
@@ -242,11 +276,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from tasks.tracking import resolve_uri
 
     config = _config(args)
+    registered_version(config, alias=CHAMPION)
     try:
         old, new = rollback(resolve_uri(config), config.registry.model_name)
-    except RuntimeError as err:
-        print(err, file=sys.stderr)
-        return 1
+    except RuntimeError as err:  # no previous champion recorded
+        raise UsageError(str(err)) from err
     print(f"{config.registry.model_name}: {CHAMPION} moved from version {old} back to {new}")
     return 0
 
@@ -256,6 +290,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tasks.tracking import resolve_uri
 
     config = _config(args)
+    registered_version(config, alias=args.alias)
     uri = f"models:/{config.registry.model_name}@{args.alias}"
     bindir = str(Path(sys.executable).parent)
     env = os.environ | {

@@ -105,8 +105,48 @@ def test_debug_shows_the_traceback_before_or_after_the_command():
     assert isinstance(err.value.__cause__, FileNotFoundError)
 
 
+def _at(uri: str) -> list[str]:
+    return ["--set", f"tracking.tracking_uri={uri}"]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A real MLflow registry (SQLite) holding one version of the ci profile's model, with the
+    champion alias and no previous champion."""
+    from mlflow.tracking import MlflowClient
+
+    from data_contracts.config import load_profile
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    name = load_profile("ci").registry.model_name
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model(name)
+    client.create_model_version(name, source=tmp_path_factory.mktemp("model").as_uri())
+    client.set_registered_model_alias(name, "champion", "1")
+    empty = f"sqlite:///{tmp_path_factory.mktemp('empty') / 'mlflow.db'}"
+    return uri, empty
+
+
+@pytest.mark.parametrize(
+    ("argv", "which", "expected"),
+    [
+        (["promote"], "empty", "no registered model 'gr2-reranker'"),
+        (["promote", "--version", "7"], "full", "has no version '7'; its versions: [1]"),
+        (["promote"], "full", "no version with alias 'challenger' (aliases: ['champion']"),
+        (["serve", "--alias", "nope"], "full", "no version with alias 'nope'"),
+        (["rollback"], "full", "nothing to roll back to (champion: 1, previous-champion: none)"),
+        (["report"], "empty", "no finished run of profile 'ci'"),
+    ],
+)
+def test_registry_mistakes_are_named_before_any_flow(registry, argv, which, expected, capsys):
+    uri = registry[0] if which == "full" else registry[1]
+    assert main([*argv, "--profile", "ci", *_at(uri)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("host,warned", [("127.0.0.1", False), ("0.0.0.0", True)])
-def test_serving_beyond_this_machine_is_warned_about(host, warned, monkeypatch, capsys):
+def test_serving_beyond_this_machine_is_warned_about(registry, host, warned, monkeypatch, capsys):
     """`gr2 serve` binds 127.0.0.1 by default; another address works but says that the
     scoring server has no authentication. (The exec of `mlflow models serve` is stopped here:
     the deployment test serves for real.)"""
@@ -118,7 +158,7 @@ def test_serving_beyond_this_machine_is_warned_about(host, warned, monkeypatch, 
 
     monkeypatch.setattr("os.execve", execve)
     with pytest.raises(SystemExit):
-        main(["serve", "--profile", "ci", "--host", host, "--port", "5999"])
+        main(["serve", "--profile", "ci", "--host", host, "--port", "5999", *_at(registry[0])])
     assert launched[0][launched[0].index("-h") + 1] == host
     err = capsys.readouterr().err
     assert ("no authentication" in err) is warned
