@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -114,7 +115,11 @@ def main() -> None:
     table = to_markdown(pl.DataFrame(rows))
     print(table)
     if args.doc:
-        body = f"Command: `python {' '.join(sys.argv)}`. {args.note}\n\n{table}"
+        shown = list(sys.argv)
+        if "--note" in shown:  # the note is the prose after the command
+            i = shown.index("--note")
+            del shown[i : i + 2]
+        body = f"Command: `python {shlex.join(shown)}`. {args.note}\n\n{table}"
         replace_section(Path(args.doc), args.heading, body, "Traces and SFT")
 
 
