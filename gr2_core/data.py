@@ -165,9 +165,8 @@ def coerce(
         src = pl.col(col)
         if dtype == pl.Int64:  # whole numbers only: NaN, infinities, fractions and
             # values past the int64 range become nulls, reported below
-            as_float = src.cast(pl.Float64, strict=False)
-            if df.schema[col] == pl.Utf8:
-                as_float = src.str.strip_chars().cast(pl.Float64, strict=False)
+            text = df.schema[col] == pl.Utf8
+            as_float = (src.str.strip_chars() if text else src).cast(pl.Float64, strict=False)
             whole = as_float.is_finite() & (as_float == as_float.floor())
             cast = pl.when(whole).then(as_float.cast(pl.Int64, strict=False))
         elif dtype == pl.Float64 and df.schema[col] == pl.Utf8:

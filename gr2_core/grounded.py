@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from gr2_core.catalogue import Catalogue
-from gr2_core.prompts import ALT_TITLE, NAME, CoWatch
+from gr2_core.prompts import CoWatch, shown_genres, title_and_year
 from gr2_core.teacher import TeacherReply, TeacherRequest
 
 ARTICLE = re.compile(r",\s*(The|A|An|La|Le|Les|Il|El|Das|Der|Die)$")
@@ -31,11 +31,9 @@ SEQUEL = re.compile(r"(\s*[:\-].*|\s+(\d+|II|III|IV|V|VI|Part\s+\w+))$")
 
 
 def title_year_genres(item: str, cat: Catalogue) -> tuple[str, int | None, list[str]]:
-    """An item's title (alternative titles dropped), year and genres, from the catalogue."""
-    m = NAME.match(cat.name[item])
-    title, year = (m["title"], m["year"]) if m else (cat.name[item], "n/a")
-    title = ALT_TITLE.sub("", title).strip() or title
-    genres = [g for g in cat.caption[item].rsplit(" | ", 1)[-1].split(", ") if g != "unknown"]
+    """An item's title, year and genres as its prompt line shows them (`prompts.label`)."""
+    title, year = title_and_year(cat.name[item]) or (cat.name[item], "n/a")
+    genres = [g for g in shown_genres(cat.caption[item]) if g != "unknown"]
     return title, (int(year) if year.isdigit() else None), genres
 
 

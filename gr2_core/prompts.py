@@ -67,20 +67,34 @@ def answer_schema() -> dict:
     return RerankAnswer.model_json_schema()
 
 
+def shown_genres(caption: str) -> list[str]:
+    """The genres the prompt shows of an item: the first three of its caption's."""
+    return caption.rsplit(" | ", 1)[-1].split(", ")[:3]
+
+
+def title_and_year(name: str) -> tuple[str, str] | None:
+    """The title (alternative titles in parentheses dropped) and the year ("n/a" when unknown)
+    of a catalogue name `Title (YYYY)`; None for a name of another shape."""
+    m = NAME.match(name)
+    if m is None:
+        return None
+    return ALT_TITLE.sub("", m["title"]).strip() or m["title"], m["year"]
+
+
 def label(name: str, caption: str) -> str:
     """An item as the prompt shows it: `Title 'YY | genres` from the catalogue's `Title (YYYY)`
     name and caption, alternative titles in parentheses dropped, a title of more than six words
     cut to five and an ellipsis, at most three genres; about 3 tokens shorter than the caption
     on average (a digit is a token), much shorter on the long ones."""
-    genres = ", ".join(caption.rsplit(" | ", 1)[-1].split(", ")[:3])
-    m = NAME.match(name)
-    if m is None:
+    genres = ", ".join(shown_genres(caption))
+    parsed = title_and_year(name)
+    if parsed is None:
         return caption
-    title = ALT_TITLE.sub("", m["title"]).strip() or m["title"]
+    title, year = parsed
     words = title.split()
     if len(words) > 6:
         title = " ".join(words[:5]) + "…"
-    year = f"'{m['year'][2:]}" if m["year"] != "n/a" else "n/a"
+    year = f"'{year[2:]}" if year != "n/a" else "n/a"
     return f"{title} {year} | {genres}"
 
 
