@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install teacher-env run ctc test test-fast ui ui-stop serve screenshots lint bench bench-teacher bench-rl bench-generation clean
+.PHONY: install teacher-env run ctc test test-fast ui ui-stop serve screenshots lint bench bench-teacher bench-rl bench-generation bench-serving crash-matrix clean
 
 $(BIN)/.installed: pyproject.toml requirements-data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -100,6 +100,12 @@ bench-rl: install teacher-env
 # transformers vs the vLLM engine on the same student prompts; scoring-mode latency
 bench-generation: install teacher-env
 	$(BIN)/python benchmarks/generation.py --doc docs/benchmarks.md
+
+bench-serving: install  # needs a registered champion of the profile (make run)
+	$(BIN)/python benchmarks/serving_load.py --profile demo --doc docs/benchmarks.md
+
+crash-matrix: install teacher-env
+	bash infra/crash_matrix.sh
 
 clean:
 	rm -rf var

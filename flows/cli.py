@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from tasks.scoring_server import GRACEFUL_S, MAX_BODY_BYTES, MAX_WAITING
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -87,11 +89,69 @@ def _check_data_files(config) -> None:
             )
 
 
+def _check_writable(config) -> None:
+    """The artifacts root can be created and written, before any stage starts."""
+    import tempfile
+
+    root = Path(config.artifacts_root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise UsageError(
+            f"artifacts_root: cannot write to {str(root)!r} ({err.strerror or err}); choose "
+            "another with --set artifacts_root=PATH"
+        ) from err
+
+
+def _check_servers(config, prefect: bool = True) -> None:
+    """The Prefect API (with `prefect`) and the MLflow tracking server, where they are servers,
+    answer now: a run against one that is down would fail after its first stages (or wait on
+    retries)."""
+    import httpx
+    from prefect.settings import get_current_settings
+
+    from tasks.tracking import resolve_uri
+
+    checks = []
+    api = (os.environ.get("PREFECT_API_URL") or get_current_settings().api.url) if prefect else ""
+    if api:
+        fix = "start it (`make ui`), or unset PREFECT_API_URL to run with a temporary local API"
+        checks.append(("Prefect API", str(api).rstrip("/") + "/health", "PREFECT_API_URL", fix))
+    uri = resolve_uri(config)
+    if uri.startswith(("http://", "https://")):
+        fix = "start it (`make ui`), or point tracking.tracking_uri at a running one"
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        where = "MLFLOW_TRACKING_URI" if env else "tracking.tracking_uri"
+        checks.append(("MLflow tracking server", uri.rstrip("/") + "/health", where, fix))
+    for name, url, setting, fix in checks:
+        try:  # any HTTP answer means a server is there (auth, paths are its business)
+            httpx.get(url, timeout=10)
+        except httpx.HTTPError as err:
+            raise UsageError(
+                f"{name} at {url.rsplit('/health', 1)[0]} ({setting}) is not reachable "
+                f"({type(err).__name__}); {fix}"
+            ) from err
+
+
 def _run_flow(flow_fn, config, refresh: bool):
-    """Run a flow; its RunResult."""
+    """Run a flow; its RunResult. A flow that failed because the Prefect API or the MLflow
+    server stopped answering is a UsageError naming it (finished stages are kept)."""
     if refresh:  # Prefect reads this setting when each task runs
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
-    return flow_fn(config)
+    try:
+        return flow_fn(config)
+    except Exception as err:
+        try:
+            _check_servers(config)
+        except UsageError as gone:
+            raise UsageError(
+                f"{str(gone).split('; ')[0]}: it stopped answering during the run. "
+                f"Finished stages are kept under {config.artifacts_root}; run the same command "
+                "again once it is back, and it resumes from there"
+            ) from err
+        raise
 
 
 def _command(args: argparse.Namespace, command: str) -> str:
@@ -147,6 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(load_profile, args)
     _check_data_files(config)
+    _check_writable(config)
+    _check_servers(config)
     result = _run_flow(gr2_pipeline, config, args.refresh)
     command = _command(args, "run")
     record(result, command=command)
@@ -160,6 +222,8 @@ def cmd_ctc(args: argparse.Namespace) -> int:
     from tasks.report import record
 
     config = _load(load_ctc_profile, args)
+    _check_writable(config)
+    _check_servers(config)
     result = _run_flow(ctc_summarization, config, args.refresh)
     command = _command(args, "ctc")
     record(result, command=command)
@@ -239,6 +303,7 @@ def registered_version(config, version: str = "", alias: str = ""):
     from tasks.registry import alias_version, client_for
     from tasks.tracking import resolve_uri
 
+    _check_servers(config, prefect=False)
     uri, name = resolve_uri(config), config.registry.model_name
     client = client_for(uri)
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
@@ -267,6 +332,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     config = _config(args)
     registered_version(config, args.version or "", CHALLENGER)
+    _check_servers(config)  # the decision runs as a Prefect flow
     print(gr2_promote(config, args.version or ""))
     return 0
 
@@ -286,33 +352,38 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Replace this process with `mlflow models serve` on the alias (no extra environment)."""
+    """Serve the alias with MLflow's scoring app under uvicorn in this process
+    (`tasks.scoring_server`: body limit, one prediction at a time, bounded queue, SIGTERM)."""
+    import mlflow
+
+    from tasks.scoring_server import port_free, serve
     from tasks.tracking import resolve_uri
 
     config = _config(args)
     registered_version(config, alias=args.alias)
+    if not port_free(args.host, args.port):
+        raise UsageError(
+            f"{args.host}:{args.port} is already in use (another `gr2 serve`?); "
+            "choose another with --port"
+        )
     uri = f"models:/{config.registry.model_name}@{args.alias}"
-    bindir = str(Path(sys.executable).parent)
-    env = os.environ | {
-        "MLFLOW_TRACKING_URI": resolve_uri(config),
-        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",  # the server runs uvicorn
-    }
+    tracking = resolve_uri(config)
     if args.host not in LOOPBACK:
         print(
             f"warning: --host {args.host} makes the model reachable from other machines; the "
             "scoring server has no authentication (put it behind one, or keep 127.0.0.1)",
             file=sys.stderr,
         )
-    print(f"serving {uri} from {env['MLFLOW_TRACKING_URI']} on http://{args.host}:{args.port}")
+    print(f"serving {uri} from {tracking} on http://{args.host}:{args.port}", flush=True)
     print(
         f"  curl -s http://{args.host}:{args.port}/invocations -H 'Content-Type: application/json' "
-        '-d \'{"dataframe_records": [{"history": ["<item id>", ...], "candidates": [...]}]}\''
+        '-d \'{"dataframe_records": [{"history": ["<item id>", ...], "candidates": [...]}]}\'',
+        flush=True,
     )
-    mlflow = str(Path(bindir) / "mlflow")
-    cmd = [mlflow, "models", "serve", "-m", uri, "--env-manager", "local"]
-    cmd += ["-h", args.host, "-p", str(args.port), "--workers", "1"]
-    os.execve(mlflow, cmd, env)
-    return 0  # not reached
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    serve(uri, args.host, args.port, args.max_body_bytes, args.max_waiting, args.graceful_s)
+    return 0
 
 
 def cmd_profiles(_: argparse.Namespace) -> int:
@@ -403,6 +474,24 @@ def main(argv: list[str] | None = None) -> int:
                 "--host", default="127.0.0.1", help="another address warns: no authentication"
             )
             cmd.add_argument("--port", type=int, default=5001)
+            cmd.add_argument(
+                "--max-body-bytes",
+                type=int,
+                default=MAX_BODY_BYTES,
+                help="larger request bodies are answered 413",
+            )
+            cmd.add_argument(
+                "--max-waiting",
+                type=int,
+                default=MAX_WAITING,
+                help="requests queued past this are answered 503 with Retry-After",
+            )
+            cmd.add_argument(
+                "--graceful-s",
+                type=int,
+                default=GRACEFUL_S,
+                help="on SIGTERM, seconds in-flight requests get to finish",
+            )
     val = command("validate", help="check your own data files against the contracts")
     val.add_argument("--interactions", required=True)
     val.add_argument("--items", required=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,9 @@ def train_sasrec(
             state["best_state"],
             state["epoch"],
         )
+        if "rng" in state:  # dropout continues as if never stopped (older checkpoints: not)
+            torch.set_rng_state(state["rng"])
+        LOG.warning("preranker: resuming from %s after epoch %d", checkpoint, start)
     gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(start, cfg.epochs):
         gen.manual_seed(cfg.seed + epoch)
@@ -242,7 +246,8 @@ def train_sasrec(
         history.append(row)
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
-        if checkpoint is not None:
+        if checkpoint is not None:  # written aside, then moved in: a crash never tears it
+            partial = checkpoint.with_name(checkpoint.name + ".tmp")
             torch.save(
                 {
                     "model": model.state_dict(),
@@ -251,9 +256,11 @@ def train_sasrec(
                     "best": best,
                     "best_state": best_state,
                     "epoch": epoch + 1,
+                    "rng": torch.get_rng_state(),
                 },
-                checkpoint,
+                partial,
             )
+            os.replace(partial, checkpoint)
         epochs_since_best = (
             len(history)
             - 1

@@ -194,6 +194,8 @@ def run_shard(
     used = Counter(a.job_id for a in done)
     accepted = {a.job_id for a in done if a.accepted}
     start_count = len(done)
+    if done:
+        log.warning("%s: resuming after %d attempts already written", path, start_count)
     messages = {
         j.job_id: job_messages(j, cat, mode, knowledge, cowatch, max_explanation_tokens)
         for j in jobs

@@ -15,6 +15,9 @@ The same code runs on one CPU, one GPU, or several through `accelerate launch`.
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,9 +31,10 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from gr2_core.midtrain import IGNORE
+
+LOG = logging.getLogger(__name__)
 
 
 class TokenWarmup(TrainerCallback):
@@ -204,8 +208,24 @@ def common_args(seed: int, save_steps: int, report_to: Sequence[str]) -> dict:
 
 
 def resume_point(ckpt_dir: Path) -> str | None:
-    """The newest checkpoint under `ckpt_dir`, or None for a fresh start."""
-    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+    """The newest complete checkpoint under `ckpt_dir`, or None for a fresh start.
+
+    The Trainer writes a checkpoint in place, `trainer_state.json` last, so a run killed while
+    saving leaves a `checkpoint-N` without it (or with it cut short): such a folder is deleted
+    and the one before is used, instead of failing the rerun on a torn file."""
+    if not ckpt_dir.exists():
+        return None
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()]
+    for path in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            LOG.warning("%s is incomplete (a crash while saving); deleting it", path)
+            shutil.rmtree(path)
+            continue
+        LOG.warning("resuming training from %s", path)
+        return str(path)
+    return None
 
 
 def train(

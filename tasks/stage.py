@@ -122,6 +122,28 @@ class Stage:
         if (done := folder.existing()) is not None:
             log.info("%s: output %s already complete, reusing it", self.name, done.directory)
             return done
+
+        def waiting(lock: Path) -> None:
+            log.info("%s: another run is computing key %s (%s held); waiting", self.name, key, lock)
+
+        with folder.lock(on_wait=waiting):
+            if (done := folder.existing()) is not None:  # the other run finished it meanwhile
+                log.info("%s: output %s completed by another run, reusing it", self.name, key)
+                return done
+            return self._compute(config, upstream, tracking, body, folder, code)
+
+    def _compute(
+        self,
+        config: FlowConfig,
+        upstream: Sequence[Manifest],
+        tracking: Tracking,
+        body: Body,
+        folder: StageDir,
+        code: str,
+    ) -> Manifest:
+        """Open the work folder and the MLflow run, run the body, publish (the lock is held)."""
+        log = get_run_logger()
+        key = folder.key
         work = folder.open()
         log.info("%s: key %s, writing to %s", self.name, key, work)
         with stage_run(tracking, self.name, key, self.section(config)) as run:

@@ -6,6 +6,12 @@ holds a complete output, a crash leaves only a `.partial` folder (which a rerun 
 reuses, e.g. to resume training from its checkpoint), and no later run can mistake half-written
 output for a finished one.
 
+Two runs that reach the same (stage, key) at once, from one machine or several sharing the
+root, compute it once: `StageDir.lock` is an exclusive lock file under `<root>/.locks/`, held
+while the stage runs. The second run waits on it, then finds the manifest and reuses the output.
+The lock is the operating system's (`filelock`, fcntl on POSIX), so a run killed with SIGKILL
+releases it, and the next run resumes from the `.partial` folder.
+
 `key` = sha256(stage, stage config, upstream keys, code version); it is also the Prefect cache key
 and the `gr2.stage_key` tag of the stage's MLflow run, so the three always agree.
 
@@ -24,11 +30,13 @@ import ast
 import hashlib
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+from filelock import FileLock, Timeout
 
 from data_contracts.config import StageConfig
 from data_contracts.manifest import FileEntry, Manifest, sha256_path
@@ -177,6 +185,27 @@ class StageDir:
     @property
     def partial(self) -> Path:
         return self.root / self.stage / f"{self.key}.partial"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".locks" / f"{self.stage}-{self.key}.lock"
+
+    @contextmanager
+    def lock(self, on_wait: Callable[[Path], None] | None = None) -> Iterator[None]:
+        """Hold the stage's exclusive lock; `on_wait(lock file)` is called once if another run
+        holds it (then this one blocks until that run ends, finished or killed)."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.lock_path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait is not None:
+                on_wait(self.lock_path)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def existing(self) -> Manifest | None:
         """The manifest of a complete earlier run with this key, if any."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from pathlib import Path
 import polars as pl
 from mlflow.data.polars_dataset import from_polars
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
@@ -56,7 +58,13 @@ def ensure_experiment(client: MlflowClient, name: str, artifacts_base: Path) -> 
     location = None
     if not client.tracking_uri.startswith(("http://", "https://", "databricks")):
         location = (artifacts_base / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another run created it meanwhile
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def git_commit() -> str:
@@ -122,6 +130,29 @@ def metric_key(name: str) -> str:
     return name.replace("@", "_at_")
 
 
+def local_paths() -> dict[str, str]:
+    """This machine's folders that mean nothing elsewhere, longest first, with the placeholder
+    that replaces each in logged text: the checkout (its virtual environments with it), the
+    Python installation, the home folder."""
+    from tasks.store import PROJECT_ROOT
+
+    paths = {
+        str(PROJECT_ROOT): "<gr2>",
+        str(Path(sys.prefix).resolve()): "<python>",
+        str(Path(sys.base_prefix).resolve()): "<python>",
+        str(Path.home()): "~",
+    }
+    return dict(sorted(paths.items(), key=lambda kv: -len(kv[0])))
+
+
+def portable_text(text: str) -> str:
+    """`text` with `local_paths` replaced by their placeholders."""
+    for path, placeholder in local_paths().items():
+        if path not in ("/", ""):
+            text = text.replace(path, placeholder)
+    return text
+
+
 class StageRun:
     """A stage's MLflow child run, logged to by id."""
 
@@ -140,6 +171,14 @@ class StageRun:
             self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Log a file or folder; a `.log` file (a server's output) goes with this machine's
+        paths replaced by placeholders (`portable_text`)."""
+        if path.is_file() and path.suffix == ".log":
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = Path(tmp) / path.name
+                copy.write_text(portable_text(path.read_text(errors="replace")))
+                self.client.log_artifact(self.run_id, str(copy), artifact_path)
+            return
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
@@ -190,14 +229,23 @@ def fail_parent_hook_for(config_cls: type[StageConfig]):
     def hook(flow, flow_run, state) -> None:  # noqa: ANN001 - Prefect hook signature
         raw = flow_run.parameters.get("config") or {}
         cfg = raw if isinstance(raw, config_cls) else config_cls.model_validate(raw)
-        client = MlflowClient(resolve_uri(cfg))
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        if exp is None:
-            return
-        query = f"tags.`prefect.flow_run_id` = '{flow_run.id}' and attributes.status = 'RUNNING'"
-        runs = client.search_runs([exp.experiment_id], filter_string=query)
-        for run in runs:
-            client.set_terminated(run.info.run_id, "FAILED")
+        uri = resolve_uri(cfg)
+        client = MlflowClient(uri)
+        try:
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+            if exp is None:
+                return
+            query = (
+                f"tags.`prefect.flow_run_id` = '{flow_run.id}' and attributes.status = 'RUNNING'"
+            )
+            for run in client.search_runs([exp.experiment_id], filter_string=query):
+                client.set_terminated(run.info.run_id, "FAILED")
+        except MlflowException as err:  # the tracking server is what failed: say so, briefly
+            from prefect.logging import get_logger
+
+            get_logger("gr2").warning(
+                "could not mark the run FAILED in MLflow at %s: %s", uri, str(err)[:200]
+            )
 
     return hook
 

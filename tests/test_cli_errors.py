@@ -96,6 +96,38 @@ def test_a_missing_data_file_is_named_before_any_stage_runs(tmp_path, capsys):
     assert "gr2 validate" in err
 
 
+def test_an_artifacts_root_that_cannot_be_written_is_named(tmp_path, capsys):
+    blocker = _bad(tmp_path, "a-file", "not a folder\n")
+    for command in ("run", "ctc"):
+        argv = [command, "--profile", "ci", "--set", f"artifacts_root={blocker}/artifacts"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"artifacts_root: cannot write to '{blocker}/artifacts'" in err
+        assert "--set artifacts_root=PATH" in err and "Traceback" not in err
+
+
+def test_servers_that_are_down_are_named_before_any_stage(tmp_path, monkeypatch, capsys):
+    """A Prefect API or an MLflow tracking server that nobody answers at (a free port): one
+    message naming the server, its URL and setting, and the fix; nothing written."""
+    from gr2_core.serving import free_port
+
+    root = tmp_path / "artifacts"
+    down = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("PREFECT_API_URL", f"{down}/api")
+    assert main(["run", "--profile", "ci", "--set", f"artifacts_root={root}"]) == 2
+    err = capsys.readouterr().err
+    assert f"Prefect API at {down}/api (PREFECT_API_URL) is not reachable" in err
+    assert "make ui" in err and "Traceback" not in err
+    monkeypatch.delenv("PREFECT_API_URL")
+    for command in ("run", "ctc", "serve", "promote", "rollback"):
+        argv = [command, "--profile", "ci", "--set", f"artifacts_root={root}"]
+        argv += ["--set", f"tracking.tracking_uri={down}"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"MLflow tracking server at {down} (tracking.tracking_uri) is not reachable" in err
+    assert [p.name for p in root.iterdir()] == []  # no stage started
+
+
 def test_debug_shows_the_traceback_before_or_after_the_command():
     with pytest.raises(UsageError) as err:
         main(["--debug", "run", "--profile", "ci", "--set", "preranker.epochs=-1"])
@@ -148,17 +180,17 @@ def test_registry_mistakes_are_named_before_any_flow(registry, argv, which, expe
 @pytest.mark.parametrize("host,warned", [("127.0.0.1", False), ("0.0.0.0", True)])
 def test_serving_beyond_this_machine_is_warned_about(registry, host, warned, monkeypatch, capsys):
     """`gr2 serve` binds 127.0.0.1 by default; another address works but says that the
-    scoring server has no authentication. (The exec of `mlflow models serve` is stopped here:
-    the deployment test serves for real.)"""
+    scoring server has no authentication. (Serving itself is stopped here: the deployment test
+    serves for real.)"""
     launched = []
 
-    def execve(path, argv, env):
-        launched.append(argv)
+    def serve(uri, bind, port, *limits):
+        launched.append((uri, bind, port))
         raise SystemExit(0)
 
-    monkeypatch.setattr("os.execve", execve)
+    monkeypatch.setattr("tasks.scoring_server.serve", serve)
     with pytest.raises(SystemExit):
         main(["serve", "--profile", "ci", "--host", host, "--port", "5999", *_at(registry[0])])
-    assert launched[0][launched[0].index("-h") + 1] == host
+    assert launched == [("models:/gr2-reranker@champion", host, 5999)]
     err = capsys.readouterr().err
     assert ("no authentication" in err) is warned

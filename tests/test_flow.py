@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +41,67 @@ def _run(config: PipelineConfig):
     return state, str(flow_run_id), states
 
 
+SECRET = "sk-gr2-leak-check-5f1c0e9a7b"
+TEXT = {".json", ".yaml", ".yml", ".txt", ".md", ".log", ".csv", ".jsonl", ".py", ""}
+# where the artifacts root may appear: the manifests and the parent run's `gr2.stage.<s>.dir`
+# tags (where each output lives), the run's config and command (the setting itself), and the
+# servers' logs (which read its files); other local folders are replaced in logs by placeholders
+ROOT_ALLOWED = {"manifest.json", "config.json"}
+
+
+def _leaks(client: MlflowClient, experiment_id: str, artifacts_root: Path) -> list[str]:
+    """Every place in the experiment's params, tags and text artifacts (logged model files
+    included) that holds the API key, a path of this checkout / virtual environment / home
+    folder, or the artifacts root outside `ROOT_ALLOWED`."""
+    repo = Path(__file__).resolve().parents[1]
+    local = [str(repo), sys.prefix, str(Path.home()) + "/"]
+    found = []
+
+    def check(where: str, text: str, root_ok: bool) -> None:
+        if SECRET in text:
+            found.append(f"{where}: the teacher API key")
+        for path in local:
+            if path in text:
+                found.append(f"{where}: {path}")
+        if not root_ok and str(artifacts_root) in text:
+            found.append(f"{where}: the artifacts root {artifacts_root}")
+
+    runs = client.search_runs([experiment_id], max_results=1000)
+    assert runs
+    for run in runs:
+        name = f"run {run.info.run_name} ({run.info.run_id[:8]})"
+        for kind, values in (("param", run.data.params), ("tag", run.data.tags)):
+            for key, value in values.items():
+                root_ok = key in ("artifacts_root", "gr2.command") or (
+                    key.startswith("gr2.stage.") and key.endswith(".dir")
+                )
+                check(f"{name} {kind} {key}", value, root_ok)
+    # every file under the experiment's artifact location: runs' artifacts and logged models
+    location = Path(client.get_experiment(experiment_id).artifact_location.removeprefix("file://"))
+    for path in sorted(location.rglob("*")):
+        if path.is_file() and (path.suffix in TEXT or path.name == "MLmodel"):
+            rel = path.relative_to(location)
+            text = path.read_text(errors="replace")
+            if path.name == "MLmodel":  # MLflow records where a models-from-code file was
+                # (`model_code_path`, resolved to an absolute path by MLflow itself, never read
+                # back: it loads its own copy by file name); every other field is checked
+                text = re.sub(r"(?m)^\s*model_code_path: .*$", "", text)
+            check(f"artifact {rel}", text, path.name in ROOT_ALLOWED or path.suffix == ".log")
+    return found
+
+
 def _complete_dirs(root: Path, stage: str) -> list[Path]:
     base = root / stage
     return [p for p in base.iterdir() if not p.name.endswith(".partial")] if base.exists() else []
 
 
-def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci_config):
+def test_pipeline_tracks_caches_and_reruns_only_what_changed(
+    prefect_harness, ci_config, monkeypatch
+):
     # the full pipeline, with the pipeline's own vLLM teacher server (targeted traces only)
-    # and DAPO from the SFT-targeted student
+    # and DAPO from the SFT-targeted student; the teacher's API key is set (the local server
+    # takes any) so that the run can be searched for it afterwards
+    monkeypatch.setenv(ci_config.teacher.api_key_env, SECRET)
     ci_config = ci_config.model_copy(
         update={
             "teacher": ci_config.teacher.model_copy(update={"modes": ["targeted"]}),
@@ -144,6 +199,12 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(prefect_harness, ci
     assert version.tags["gr2.variant"] == "rl_targeted"
     assert version.run_id == by_stage["register"].info.run_id
     assert version.tags["gr2.promotion.decision"] in ("promoted", "refused")
+
+    # nothing leaked: the API key nowhere in MLflow, no path of this checkout, its virtual
+    # environments or the home folder (they would not exist on another machine); the configured
+    # artifacts root appears only where the run records where its outputs are
+    leaks = _leaks(client, exp.experiment_id, root)
+    assert not leaks, "\n".join(leaks[:20])
 
     # the report writer: docs sections and wall times from the finished run's manifests
     docs = root.parent / "docs"

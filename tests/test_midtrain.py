@@ -252,3 +252,20 @@ def test_parse_title():
     assert mt.parse_title("Toy Story (1995) | Animation") == "Toy Story"
     assert mt.parse_title("Bad (1995) (1996) | x") == "Bad (1995)"
     assert mt.parse_title("no year here") is None
+
+
+def test_a_checkpoint_torn_by_a_crash_is_dropped_and_the_one_before_resumed(tmp_path):
+    """The Trainer writes `trainer_state.json` last: a folder without it, or with it cut short,
+    is a save that a kill interrupted."""
+    from gr2_core.training import resume_point
+
+    ckpts = tmp_path / "checkpoints"
+    assert resume_point(ckpts) is None
+    for step in (2, 4, 6, 10):
+        (ckpts / f"checkpoint-{step}").mkdir(parents=True)
+        (ckpts / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"weights")
+    (ckpts / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    (ckpts / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
+    (ckpts / "checkpoint-10" / "trainer_state.json").write_text('{"global_st')  # cut short
+    assert resume_point(ckpts) == str(ckpts / "checkpoint-4")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "checkpoint-4"]

@@ -25,6 +25,7 @@ batch's own input tokens (at decode time: the document's tokens), not over all 3
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -418,6 +419,7 @@ def fit(
         history, best, best_state = saved["history"], saved["best"], saved["best_state"]
         start = saved["epoch"] + 1
         torch.set_rng_state(saved["torch_rng"])
+        logging.getLogger(__name__).warning("ctc: resuming from %s after epoch %d", ckpt, start)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     stale = sum(1 for _ in _since_best(history))
     for epoch in range(start, opts.epochs):
