@@ -136,12 +136,28 @@ def _check_servers(config, prefect: bool = True) -> None:
 
 
 def _run_flow(flow_fn, config, refresh: bool):
-    """Run a flow; its RunResult. A flow that failed because the Prefect API or the MLflow
-    server stopped answering is a UsageError naming it (finished stages are kept)."""
-    if refresh:  # Prefect reads this setting when each task runs
-        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    """Run a flow; its RunResult. A stage output that Prefect's cache records but that was
+    deleted makes one more run without the cache records (what exists is reused); a flow that
+    failed because the Prefect API or the MLflow server stopped answering is a UsageError
+    naming it (finished stages are kept)."""
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+    from tasks.stage import MissingOutputError
+
     try:
-        return flow_fn(config)
+        with temporary_settings(
+            {PREFECT_TASKS_REFRESH_CACHE: refresh or PREFECT_TASKS_REFRESH_CACHE.value()}
+        ):
+            return flow_fn(config)
+    except MissingOutputError as err:
+        if refresh:
+            raise
+        print(
+            f"warning: {err}\nrunning again without Prefect's cache records: stages whose "
+            "outputs are in the artifacts root are reused, the deleted ones computed again",
+            file=sys.stderr,
+        )
+        return _run_flow(flow_fn, config, refresh=True)
     except Exception as err:
         try:
             _check_servers(config)

@@ -40,6 +40,7 @@ from gr2_core.baselines import format_table
 from gr2_core.promotion import paired_differences
 from gr2_core.report import method_label, replace_section, rl_training_table, to_markdown
 from tasks.inputs import read
+from tasks.stage import require
 from tasks.tracking import Tracking, finish_parent
 
 STAGE_TAG = "gr2.stage.{}.dir"  # parent-run tag: a stage's output folder (its manifest inside)
@@ -109,6 +110,8 @@ def log_evaluation(tracking: Tracking, table, wide, description: str) -> None:
 def publish(config: PipelineConfig, tracking: Tracking, stages: list[Manifest]) -> RunResult:
     """Every run (cached or not): table artifacts in Prefect, the rerankers' table and plots on
     the parent run, stage links on the parent run."""
+    for m in stages:  # a stage Prefect's cache returned may have been deleted since
+        require(m)
     baselines = next(m for m in stages if m.stage == "baselines")
     create_table_artifact(
         format_table(read(baselines, "metrics")).to_dicts(),

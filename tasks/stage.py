@@ -52,11 +52,15 @@ def attach(run: StageRun, work: Path, result: StageOutput, profile: str) -> None
         )
 
 
+class MissingOutputError(FileNotFoundError):
+    """A stage output that Prefect's cache still records was deleted from the artifacts root."""
+
+
 def require(manifest: Manifest) -> Manifest:
     """Fail clearly if an upstream output recorded by a cached run was deleted since."""
     missing = [n for n in manifest.files if not manifest.path(n).exists()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingOutputError(
             f"upstream stage '{manifest.stage}' output {missing} is missing from "
             f"{manifest.directory} (deleted after a cached run?); rerun with `gr2 run --refresh`"
         )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -96,7 +98,7 @@ def _complete_dirs(root: Path, stage: str) -> list[Path]:
 
 
 def test_pipeline_tracks_caches_and_reruns_only_what_changed(
-    prefect_harness, ci_config, monkeypatch
+    prefect_harness, ci_config, monkeypatch, capsys
 ):
     # the full pipeline, with the pipeline's own vLLM teacher server (targeted traces only)
     # and DAPO from the SFT-targeted student; the teacher's API key is set (the local server
@@ -236,6 +238,7 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(
     assert rewritten.read_text() == results_md  # the same sections, without rerunning
 
     # same config again: every stage is a cache hit (no server is started)
+    (midtrain_dir,) = _complete_dirs(root, "midtrain")
     state2, _, states2 = _run(ci_config)
     assert state2.is_completed()
     assert {states2[s] for s in STAGES + TEACHER_STAGES} == {"Cached"}, states2
@@ -247,6 +250,19 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(
     assert timings.count(rerun) == 1  # beside the cold run's section, which stays
     assert timings.count("## gr2-pipeline, profile ci\n") == 1
     assert "(0 of " in timings and "| traces |" in timings and "reused from the cache" in timings
+
+    # an output deleted behind Prefect's back: its cache record now points at nothing; `gr2 run`
+    # says so and runs again without the cache records, computing only what is missing
+    (baselines_dir,) = _complete_dirs(root, "baselines")
+    shutil.rmtree(baselines_dir)
+    same = root.parent / "same.yaml"
+    same.write_text(yaml.safe_dump(ci_config.model_dump(mode="json")))
+    capsys.readouterr()
+    assert cli(["run", "--config", str(same)]) == 0
+    err = capsys.readouterr().err
+    assert "running again without Prefect's cache records" in err
+    assert (baselines_dir / "manifest.json").exists()
+    assert _complete_dirs(root, "midtrain") == [midtrain_dir]  # the rest reused
 
     # only the pre-ranker changes: data and split stay cached, the rest re-runs (no teacher)
     changed = ci_config.model_copy(

@@ -23,6 +23,7 @@ SETS = [
     "teacher.modes=[]",
     "rl.variants=[]",
     "registry.enabled=false",
+    "data.max_users=120",
     "midtrain.max_steps=30",  # a stage long enough to lose the server in
 ]
 
