@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="requests before measuring")
     p.add_argument("--doc")
     p.add_argument("--heading", default="Serving under load")
+    p.add_argument("--note", default="", help="what was served (prose after the command)")
     args = p.parse_args()
     from flows.cli import _parse_sets  # the CLI's own --set parsing
 
@@ -138,14 +139,18 @@ def main() -> None:
             capture_output=True,
             text=True,
         ).stdout.strip()
+        shown = list(sys.argv)
+        if "--note" in shown:  # the note is the prose after the command
+            i = shown.index("--note")
+            del shown[i : i + 2]
         body = (
-            f"Command: `python {shlex.join(sys.argv)}`, {args.duration:.0f} s per row, one test "
+            f"Command: `python {shlex.join(shown)}`, {args.duration:.0f} s per row, one test "
             f"slate per request ({len(records[0]['candidates'])} candidates, the last "
             f"{config.prompt.history_items} history items), served by `gr2 serve` (MLflow's "
             "scoring app behind `tasks.scoring_server.Gate`: one prediction at a time, queue "
             f"limit 64); {platform.machine()} {cpu}, {len(records)} test slates drawn in turn. "
             "`5xx` counts server errors; `other` lists every status that was not 200 (-1: an "
-            "answer that was not a permutation of the slate).\n\n" + table
+            f"answer that was not a permutation of the slate). {args.note}\n\n" + table
         )
         replace_section(Path(args.doc), args.heading, body, "Benchmarks")
 

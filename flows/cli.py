@@ -135,6 +135,22 @@ def _check_servers(config, prefect: bool = True) -> None:
             ) from err
 
 
+def _disk_full(err: BaseException) -> bool:
+    """Whether `err`, or an error it was raised from, is a full disk (ENOSPC; polars and torch
+    report it in their own exception types, with the system's message)."""
+    import errno
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _run_flow(flow_fn, config, refresh: bool):
     """Run a flow; its RunResult. A stage output that Prefect's cache records but that was
     deleted makes one more run without the cache records (what exists is reused); a flow that
@@ -159,6 +175,12 @@ def _run_flow(flow_fn, config, refresh: bool):
         )
         return _run_flow(flow_fn, config, refresh=True)
     except Exception as err:
+        if _disk_full(err):
+            raise UsageError(
+                f"artifacts_root: the disk under {config.artifacts_root} is full ({err}); the "
+                "stage that was writing left only its .partial folder and finished stages are "
+                "kept: free some space (or --set artifacts_root=PATH) and run the same command"
+            ) from err
         try:
             _check_servers(config)
         except UsageError as gone:
@@ -370,8 +392,6 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the alias with MLflow's scoring app under uvicorn in this process
     (`tasks.scoring_server`: body limit, one prediction at a time, bounded queue, SIGTERM)."""
-    import mlflow
-
     from tasks.scoring_server import port_free, serve
     from tasks.tracking import resolve_uri
 
@@ -396,9 +416,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         '-d \'{"dataframe_records": [{"history": ["<item id>", ...], "candidates": [...]}]}\'',
         flush=True,
     )
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
-    serve(uri, args.host, args.port, args.max_body_bytes, args.max_waiting, args.graceful_s)
+    serve(
+        uri, tracking, args.host, args.port, args.max_body_bytes, args.max_waiting, args.graceful_s
+    )
     return 0
 
 

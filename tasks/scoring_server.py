@@ -136,17 +136,21 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def build_app(model_uri: str, max_body_bytes: int, max_waiting: int) -> Gate:
-    """Load the registered model and wrap MLflow's scoring app for it."""
+def build_app(model_uri: str, tracking_uri: str, max_body_bytes: int, max_waiting: int) -> Gate:
+    """Load the registered model (`models:/...` from the registry at `tracking_uri`) and wrap
+    MLflow's scoring app for it."""
     import mlflow.pyfunc
     from mlflow.pyfunc import scoring_server
 
+    mlflow.set_tracking_uri(tracking_uri)  # this process only serves: the global is its own
+    mlflow.set_registry_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(model_uri)
     return Gate(scoring_server.init(model), max_body_bytes, max_waiting)
 
 
 def serve(
     model_uri: str,
+    tracking_uri: str,
     host: str,
     port: int,
     max_body_bytes: int = MAX_BODY_BYTES,
@@ -156,7 +160,7 @@ def serve(
     """Load the model and answer until SIGTERM or Ctrl-C (graceful shutdown)."""
     import uvicorn
 
-    app = build_app(model_uri, max_body_bytes, max_waiting)
+    app = build_app(model_uri, tracking_uri, max_body_bytes, max_waiting)
     uvicorn.run(
         app,
         host=host,

@@ -184,7 +184,7 @@ def test_serving_beyond_this_machine_is_warned_about(registry, host, warned, mon
     serves for real.)"""
     launched = []
 
-    def serve(uri, bind, port, *limits):
+    def serve(uri, tracking, bind, port, *limits):
         launched.append((uri, bind, port))
         raise SystemExit(0)
 
