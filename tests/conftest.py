@@ -21,6 +21,26 @@ torch.set_num_threads(1)
 
 from data_contracts.config import load_profile  # noqa: E402
 
+# the longest files first: pytest-xdist hands files to its workers in collection order, so a long
+# file collected last runs alone at the end while the other worker idles (longest first keeps
+# both busy; rough wall times on the 2-core machine, longest first)
+LONGEST_FIRST = (
+    "test_deployments.py",
+    "test_flow.py",
+    "test_traces.py",
+    "test_server_faults.py",
+    "test_crash_matrix.py",
+    "test_ctc_flow.py",
+    "test_engine_vllm.py",
+    "test_concurrent_runs.py",
+    "test_disk_full.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():
