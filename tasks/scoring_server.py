@@ -35,6 +35,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MAX_BODY_BYTES = 4 * 1024 * 1024  # 64 rows x 5,000 history ids of ~10 bytes fit well within it
 MAX_WAITING = 64
 GRACEFUL_S = 30
+_CODES = {413: "REQUEST_TOO_LARGE", 503: "SERVER_BUSY"}  # MLflow-style error codes
 
 
 async def _reply(send: Send, status: int, message: str, headers: dict[str, str] | None = None):
@@ -43,9 +44,6 @@ async def _reply(send: Send, status: int, message: str, headers: dict[str, str] 
     raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
-
-
-_CODES = {413: "REQUEST_TOO_LARGE", 503: "SERVER_BUSY"}
 
 
 class Gate:
