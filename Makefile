@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install teacher-env run ctc test test-fast ui ui-stop serve screenshots lint bench bench-teacher bench-rl bench-generation bench-serving crash-matrix clean
+.PHONY: install teacher-env run ctc test test-scale test-fast ui ui-stop serve screenshots lint bench bench-teacher bench-rl bench-generation bench-serving crash-matrix clean
 
 $(BIN)/.installed: pyproject.toml requirements-data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,12 +52,24 @@ ctc: install
 test: install teacher-env
 	bash infra/run_tests.sh
 
+# scale-out on real engines (tests/scale): Ray task runner, torchrun training, PostgreSQL-backed
+# Prefect and MLflow servers; CI runs it after `make test` (docs/scaling.md)
+$(BIN)/.scale-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev,scale]'
+	touch $@
+
+test-scale: install $(BIN)/.scale-installed
+	GR2_SCALE_TESTS=1 bash infra/run_tests.sh tests/scale
+
 # the inner loop: unit tests on tiny models, no flows and no servers (the `slow` marker deselected)
 test-fast: install
 	bash infra/run_tests.sh -m "not slow"
 
+# DB=postgres: both servers on a PostgreSQL server in var/postgres (needs the `scale` extra)
+DB ?= sqlite
 ui: install
-	bash infra/start_servers.sh
+	$(if $(filter postgres,$(DB)),$(MAKE) $(BIN)/.scale-installed,)
+	DB=$(DB) bash infra/start_servers.sh
 
 ui-stop:
 	bash infra/start_servers.sh stop

@@ -31,6 +31,20 @@ from data_contracts.rerankers import (
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "infra" / "configs"
 
 
+# the training stages' data-parallel settings (docs/scaling.md)
+PROCESSES = Field(
+    1,
+    ge=1,
+    description="Data-parallel training processes on this machine (torchrun; one per GPU). "
+    "The global batch is batch_size x grad_accum x processes.",
+)
+LAUNCH_CONFIG = Field(
+    None,
+    description="With processes > 1: an accelerate launch configuration instead of torchrun's "
+    "DDP, e.g. infra/launch/fsdp.yaml, zero2.yaml, zero3.yaml (DeepSpeed).",
+)
+
+
 class StageConfig(BaseModel):
     """Base of every stage config: immutable, unknown keys rejected, hashable for cache keys."""
 
@@ -263,6 +277,8 @@ class MidtrainConfig(StageConfig):
     eval_batch_size: int = Field(8, ge=1)
     caption_eval_items: int = Field(100, ge=1, description="Held-out items captioned in eval.")
     num_threads: int = Field(2, ge=1, description="torch intra-op threads on CPU.")
+    processes: int = PROCESSES
+    launch_config: str | None = LAUNCH_CONFIG
     seed: int = 0
 
     @model_validator(mode="after")
@@ -278,7 +294,7 @@ class MidtrainConfig(StageConfig):
 
     @property
     def total_samples(self) -> int:
-        return self.max_steps * self.batch_size * self.grad_accum
+        return self.max_steps * self.batch_size * self.grad_accum * self.processes
 
 
 class PromptConfig(StageConfig):
@@ -474,6 +490,8 @@ class SFTConfig(StageConfig):
         "method's validation answers, so it must be one of eval_methods.",
     )
     num_threads: int = Field(2, ge=1)
+    processes: int = PROCESSES
+    launch_config: str | None = LAUNCH_CONFIG
     seed: int = 0
 
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"num_threads", "eval_batch_size"})
@@ -667,6 +685,26 @@ class EngineConfig(StageConfig):
     )
 
 
+class RunnerConfig(StageConfig):
+    """Where a stage's parallel work runs: the teacher's shards (docs/scaling.md). Threads in the
+    flow's process by default, or Ray tasks through prefect-ray (`pip install -e '.[scale]'`) on
+    a local Ray instance or a running cluster. Operational: outputs do not depend on it."""
+
+    kind: Literal["threads", "ray"] = Field(
+        "threads",
+        description="threads: Prefect's thread pool in the flow's process; ray: Ray tasks.",
+    )
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join: 'auto', 'HOST:6379' or 'ray://HOST:10001' (KubeRay's "
+        "head service); empty: a Ray instance started on this machine for the stage.",
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each task.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each task.")
+
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"kind", "address", "num_cpus", "num_gpus"})
+
+
 class EvalConfig(StageConfig):
     """Ranking metrics and their bootstrap confidence intervals (SPEC section 6)."""
 
@@ -779,6 +817,7 @@ class PipelineConfig(StageConfig):
     rl: RLConfig = RLConfig()
     evaluation: EvalConfig = EvalConfig()
     engine: EngineConfig = EngineConfig()
+    runner: RunnerConfig = RunnerConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
 

@@ -166,12 +166,28 @@ def train_sft(
 ):
     """SFT with resume from the newest checkpoint in `out_dir/checkpoints`.
 
-    `cfg`: an `SFTConfig`. Returns (model, log history).
+    `cfg`: an `SFTConfig`. Returns (model, log history). With `cfg.processes > 1` the same call
+    runs in that many torchrun processes (`gr2_core.distributed`).
     """
     from datasets import Dataset
     from trl import SFTConfig as TRLConfig
 
+    from gr2_core import distributed
     from gr2_core.training import common_args, load_trainable, resume_point
+
+    if cfg.processes > 1 and not distributed.in_worker():
+        kwargs = dict(
+            model_dir=model_dir,
+            rows=rows,
+            out_dir=out_dir,
+            cfg=cfg,
+            tok=tok,
+            report_to=report_to,
+            callbacks=tuple(callbacks),
+        )
+        return distributed.launch(
+            f"{__name__}:train_sft", kwargs, cfg.processes, out_dir, cfg.launch_config
+        )
 
     model = load_trainable(model_dir, cfg.num_threads)
     ckpt = out_dir / "checkpoints"
@@ -198,7 +214,9 @@ def train_sft(
         processing_class=tok,
         callbacks=list(callbacks),
     )
+    distributed.check_world(trainer.args.world_size, cfg.processes)
     trainer.train(resume_from_checkpoint=resume_point(ckpt))
+    distributed.finish(trainer)
     return model, trainer.state.log_history
 
 

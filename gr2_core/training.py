@@ -10,7 +10,8 @@ The new rows start far from where they need to be and only they move, so the war
 at `warmup_lr_scale` times the learning rate (on top of the usual schedule); at the base rate a
 short warm-up barely moves them (measured: the held-out loss on SID targets stayed at the level of
 a uniform guess over the vocabulary after 20 warm-up steps at 3e-4).
-The same code runs on one CPU, one GPU, or several through `accelerate launch`.
+The same code runs on one CPU, one GPU, or in several data-parallel processes (`processes > 1`:
+`gr2_core.distributed` relaunches the call under torchrun).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from gr2_core import distributed
 from gr2_core.midtrain import IGNORE
 
 LOG = logging.getLogger(__name__)
@@ -89,6 +92,15 @@ class WarmupTrainer(Trainer):
             scheduler = torch.optim.lr_scheduler.LambdaLR(scheduler.optimizer, wrapped)
             self.lr_scheduler = scheduler
         return scheduler
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler) and self.args.world_size > 1:
+            # length groups of the global batch, not of one process's share: the same sample
+            # order, so the same optimizer steps, on any number of processes
+            size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            sampler = LengthGroupedSampler(size * self.args.world_size, lengths=sampler.lengths)
+        return sampler
 
 
 class StopAfter(TrainerCallback):
@@ -151,6 +163,8 @@ class TrainSettings:
     eval_steps: int
     seed: int
     num_threads: int
+    processes: int = 1  # data-parallel processes (torchrun)
+    launch_config: str | None = None  # accelerate launch configuration (infra/launch/)
     report_to: tuple[str, ...] = ()
 
     @classmethod
@@ -239,7 +253,22 @@ def train(
     callbacks: Sequence[TrainerCallback] = (),
 ) -> tuple[PreTrainedModel, list[dict]]:
     """Train (resuming from the newest checkpoint in `out_dir/checkpoints`); returns the model
-    and the Trainer's log history."""
+    and the Trainer's log history. With `settings.processes > 1`, the same call runs in that
+    many torchrun processes (`gr2_core.distributed`)."""
+    if settings.processes > 1 and not distributed.in_worker():
+        kwargs = dict(
+            model_dir=model_dir,
+            train_rows=train_rows,
+            eval_rows=eval_rows,
+            out_dir=out_dir,
+            settings=settings,
+            first_new_token=first_new_token,
+            pad_id=pad_id,
+            callbacks=tuple(callbacks),
+        )
+        return distributed.launch(
+            f"{__name__}:train", kwargs, settings.processes, out_dir, settings.launch_config
+        )
     model = load_trainable(model_dir, settings.num_threads)
     ckpt_dir = out_dir / "checkpoints"
     args = TrainingArguments(
@@ -269,5 +298,7 @@ def train(
         data_collator=PadCollator(pad_id),
         callbacks=[warmup, *callbacks],
     )
+    distributed.check_world(trainer.args.world_size, settings.processes)
     trainer.train(resume_from_checkpoint=resume_point(ckpt_dir))
+    distributed.finish(trainer)
     return model, trainer.state.log_history

@@ -1,13 +1,14 @@
 """Stage `traces`: teacher reasoning traces for each mode (targeted, rejection), filtered.
 
 The work is `gr2_core.traces.run`; this adapter resolves the API key (a Prefect Secret block or
-the environment) and runs the teacher's shards as Prefect tasks on the flow's task runner,
-`teacher.parallel_shards` at once.
+the environment) and runs the teacher's shards as Prefect tasks, `teacher.parallel_shards` at
+once, on the task runner of `config.runner` (threads here, or Ray tasks: tasks.runners).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -17,6 +18,7 @@ import gr2_core.traces as core
 from data_contracts.config import PipelineConfig, TeacherConfig
 from data_contracts.manifest import Manifest
 from tasks.inputs import prompt_identity
+from tasks.runners import map_task
 from tasks.stage import Stage
 from tasks.tracking import Tracking
 
@@ -36,11 +38,6 @@ def api_key(cfg: TeacherConfig) -> str | None:
 def teacher_shard(shard: core.Shard, ctx: core.ShardContext) -> core.ShardResult:
     """Sample one shard until every slate is decided (resumes from the shard's file)."""
     return core.sample_shard(shard, ctx, get_run_logger())
-
-
-def on_task_runner(shards: list[core.Shard], ctx: core.ShardContext) -> list[core.ShardResult]:
-    futures = [teacher_shard.submit(s, ctx) for s in shards]
-    return [f.result() for f in futures]
 
 
 @task(name="traces", cache_key_fn=STAGE.cache_key_fn, persist_result=True)
@@ -63,6 +60,12 @@ def traces(
             prompt=config.prompt,
             api_key=api_key(config.teacher),
         )
-        return core.run(inputs, config.teacher, out, on_task_runner, get_run_logger())
+
+        def on_runner(shards: list[core.Shard], ctx: core.ShardContext) -> list:
+            # absolute shard files: a Ray worker's working folder is not the flow's
+            calls = [{"shard": replace(s, path=s.path.resolve()), "ctx": ctx} for s in shards]
+            return map_task(teacher_shard, calls, config.runner, len(calls))
+
+        return core.run(inputs, config.teacher, out, on_runner, get_run_logger())
 
     return STAGE.run(config, [data, split, semantic_ids, candidates], tracking, body)

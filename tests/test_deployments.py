@@ -37,8 +37,15 @@ def _alias(client: MlflowClient, alias: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """Prefect server + MLflow server + deployments + a process worker, torn down after."""
+    """Prefect server + MLflow server (on SQLite) + deployments + a process worker."""
     tmp = tmp_path_factory.mktemp("stack")
+    yield from servers(tmp, f"sqlite:///{tmp / 'mlflow.db'}")
+
+
+def servers(tmp: Path, mlflow_store: str, prefect_db: str | None = None):
+    """Prefect server (on `prefect_db`, default its SQLite under `tmp`) + MLflow server on
+    `mlflow_store` with proxied artifacts + deployments + a process worker, torn down after
+    (tests/scale/test_postgres.py runs the same test on PostgreSQL)."""
     pport, mport, wport = free_port(), free_port(), free_port()
     api = f"http://127.0.0.1:{pport}/api"
     env = {
@@ -51,16 +58,17 @@ def stack(tmp_path_factory):
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     (tmp / "prefect").mkdir()
+    server_env = env | ({"PREFECT_API_DATABASE_CONNECTION_URL": prefect_db} if prefect_db else {})
     prefect = ManagedServer(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(pport)],
         pport,
         tmp / "prefect.log",
-        env=env,
+        env=server_env,
         start_timeout_s=120,
         health_paths=("/api/health",),
     )
     mlflow_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mport)]
-    mlflow_cmd += ["--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    mlflow_cmd += ["--backend-store-uri", mlflow_store]
     mlflow_cmd += ["--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"]
     mlflow = ManagedServer(
         mlflow_cmd,

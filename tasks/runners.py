@@ -1,0 +1,60 @@
+"""The task runner behind a stage's fan-out (the teacher's shards), chosen by `config.runner`.
+
+`threads`: Prefect's thread pool in the flow's process. `ray`: prefect-ray's `RayTaskRunner`,
+each call a Ray task on a local Ray instance (started for the stage and stopped after it) or on
+the cluster at `runner.address` (`auto`, `HOST:6379`, `ray://HOST:10001` for KubeRay's head
+service). Either way each call is a Prefect task run of the stage's task run, with its logs and
+state in the Prefect UI; stage outputs do not depend on the runner (tests/scale/test_ray.py).
+On a cluster the workers need the same GR2 install (the image of infra/docker/Dockerfile) and the
+artifacts root on shared storage, since shards write their files there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prefect import Task
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from data_contracts.config import RunnerConfig
+
+CACHE_NEUTRAL = True  # where work runs never shapes what it produces
+
+
+def task_runner(cfg: RunnerConfig, max_workers: int) -> TaskRunner:
+    """A new (not yet started) task runner for `cfg`; `max_workers` bounds the thread pool."""
+    if cfg.kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=max_workers)
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as exc:  # the optional extra
+        raise RuntimeError(
+            "runner.kind is 'ray' but prefect-ray is not installed; install the scale-out "
+            "extra: pip install -e '.[scale]'"
+        ) from exc
+    init: dict[str, Any] = {"log_to_driver": True}
+    if cfg.address is None:  # a local instance for the stage, on the loopback interface only
+        init |= {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
+    return RayTaskRunner(address=cfg.address, init_kwargs=init)
+
+
+def map_task(
+    task: Task, calls: Sequence[Mapping[str, Any]], cfg: RunnerConfig, max_workers: int
+) -> list:
+    """Run `task` once per parameter mapping in `calls` on the runner of `cfg`, all at once;
+    the results in call order (the first failure raised once every call has ended)."""
+    if not calls:
+        return []
+    runner = task_runner(cfg, max_workers)
+    with runner:
+        if cfg.kind == "ray":
+            from prefect_ray.context import remote_options
+
+            with remote_options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus):
+                futures = [runner.submit(task, dict(c)) for c in calls]
+        else:
+            futures = [runner.submit(task, dict(c)) for c in calls]
+        for f in futures:
+            f.wait()
+        return [f.result() for f in futures]

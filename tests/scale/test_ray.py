@@ -1,0 +1,98 @@
+"""The teacher's shards as Ray tasks through prefect-ray's task runner, on a Ray head started here
+on 127.0.0.1 (as a cluster's head would be): the ci flow writes the same traces as with Prefect's
+thread pool, and the shards ran in Ray's worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import polars as pl
+import pytest
+from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+from data_contracts.config import load_profile
+from data_contracts.manifest import Manifest
+from flows.gr2_pipeline import gr2_pipeline
+from gr2_core.serving import free_port
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+SHARDS = 2
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head` on 127.0.0.1 with two CPUs; stopped (with its workers) after."""
+    tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are
+    port = free_port()
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1"]
+    cmd += ["--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"]
+    cmd += ["--temp-dir", str(tmp), "--disable-usage-stats"]
+    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield {"address": f"127.0.0.1:{port}", "tmp": tmp}
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _traces(root: Path) -> tuple[Manifest, dict[str, pl.DataFrame]]:
+    (folder,) = [p for p in (root / "traces").iterdir() if not p.name.endswith(".partial")]
+    manifest = Manifest.read(folder)
+    tables = {
+        name: pl.read_parquet(manifest.path(name)).drop("seconds", strict=False)
+        for name in manifest.files
+        if name.endswith(("_attempts", "_traces"))
+    }
+    return manifest, tables
+
+
+def test_teacher_shards_on_ray_write_what_the_thread_pool_writes(
+    prefect_harness, ray_head, tmp_path
+):
+    root = tmp_path / "artifacts"
+    overrides = {
+        "artifacts_root": str(root),
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "data.max_users": 120,
+        "evaluation.bootstrap_samples": 50,
+        "teacher.modes": ["grounded"],  # the teacher without a model server: fast, offline
+        "teacher.shards": SHARDS,
+        "teacher.parallel_shards": SHARDS,
+        "rl.variants": [],
+        "registry.enabled": False,
+    }
+    threads = load_profile("ci", overrides)
+    assert gr2_pipeline(threads, return_state=True).is_completed()
+    by_threads, tables_threads = _traces(root)
+    assert tables_threads["grounded_attempts"].height > 0
+
+    # the same run on Ray: the traces output moved away, Prefect's cache records ignored, so
+    # traces is computed again (on Ray) and every other stage reuses its output
+    shutil.move(root / "traces", tmp_path / "traces-threads")
+    on_ray = load_profile(
+        "ci", overrides | {"runner.kind": "ray", "runner.address": ray_head["address"]}
+    )
+    assert on_ray.teacher.digest() == threads.teacher.digest()  # the runner is operational
+    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
+        assert gr2_pipeline(on_ray, return_state=True).is_completed()
+    by_ray, tables_ray = _traces(root)
+
+    assert by_ray.key == by_threads.key and by_ray.directory == by_threads.directory
+    assert by_ray.mlflow_run_id != by_threads.mlflow_run_id  # computed again, not reused
+    assert tables_ray.keys() == tables_threads.keys()
+    for name, table in tables_threads.items():
+        assert tables_ray[name].equals(table), name
+    # each shard ran as a Prefect task run inside one of the head's Ray workers
+    logs = "".join(
+        p.read_text(errors="replace") for p in ray_head["tmp"].glob("session_*/logs/worker-*")
+    )
+    for k in range(SHARDS):
+        assert f"grounded-shard-{k}" in logs, k
