@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install teacher-env run ctc test test-scale test-fast ui ui-stop serve screenshots lint bench bench-teacher bench-rl bench-generation bench-serving crash-matrix clean
+.PHONY: install teacher-env run ctc test test-scale test-fast ui ui-stop serve screenshots lint bench bench-teacher bench-rl bench-generation bench-serving bench-scaling crash-matrix clean
 
 $(BIN)/.installed: pyproject.toml requirements-data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -115,6 +115,10 @@ bench-generation: install teacher-env
 
 bench-serving: install  # needs a registered champion of the profile (make run)
 	$(BIN)/python benchmarks/serving_load.py --profile demo --doc docs/benchmarks.md
+
+# training tokens/s with 1 and 2 processes at the same global batch (docs/scaling.md)
+bench-scaling: install
+	$(BIN)/python benchmarks/scaling.py --processes 1 2 --steps 4 --doc docs/scaling.md
 
 crash-matrix: install teacher-env
 	bash infra/crash_matrix.sh
