@@ -126,7 +126,8 @@ def main() -> int:
         body = "\n".join(
             [
                 f"Command: `python benchmarks/scaling.py --processes "
-                f"{' '.join(map(str, args.processes))} --steps {args.steps}` on "
+                f"{' '.join(map(str, args.processes))} --steps {args.steps}` "
+                "(`make bench-scaling`) on "
                 f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, float32. The "
                 f"mid-training call of the pipeline on the SmolLM2-135M architecture, {args.steps} "
                 f"optimizer steps of a global batch of {args.global_batch} rows x "

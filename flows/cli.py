@@ -30,6 +30,14 @@ class UsageError(Exception):
     """A mistake on the command line or in a file the user gave, said so they can fix it."""
 
 
+class ServerDown(UsageError):
+    """A server the command needs does not answer: `what` names it, `fix` says what to do."""
+
+    def __init__(self, what: str, fix: str):
+        super().__init__(f"{what}; {fix}")
+        self.what, self.fix = what, fix
+
+
 def config_message(err: BaseException) -> str:
     """What to tell the user about a config that cannot be loaded: each bad field with its value,
     or the YAML file and line, or the missing profile."""
@@ -129,10 +137,9 @@ def _check_servers(config, prefect: bool = True) -> None:
         try:  # any HTTP answer means a server is there (auth, paths are its business)
             httpx.get(url, timeout=10)
         except httpx.HTTPError as err:
-            raise UsageError(
-                f"{name} at {url.rsplit('/health', 1)[0]} ({setting}) is not reachable "
-                f"({type(err).__name__}); {fix}"
-            ) from err
+            where = url.rsplit("/health", 1)[0]
+            what = f"{name} at {where} ({setting}) is not reachable ({type(err).__name__})"
+            raise ServerDown(what, fix) from err
 
 
 def _disk_full(err: BaseException) -> bool:
@@ -183,9 +190,9 @@ def _run_flow(flow_fn, config, refresh: bool):
             ) from err
         try:
             _check_servers(config)
-        except UsageError as gone:
+        except ServerDown as gone:
             raise UsageError(
-                f"{str(gone).split('; ')[0]}: it stopped answering during the run. "
+                f"{gone.what}: it stopped answering during the run. "
                 f"Finished stages are kept under {config.artifacts_root}; run the same command "
                 "again once it is back, and it resumes from there"
             ) from err

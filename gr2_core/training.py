@@ -221,6 +221,15 @@ def common_args(seed: int, save_steps: int, report_to: Sequence[str]) -> dict:
     )
 
 
+def whole_json(path: Path) -> bool:
+    """Whether `path` holds a complete JSON document (a file cut short by a kill does not)."""
+    try:
+        json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def resume_point(ckpt_dir: Path) -> str | None:
     """The newest complete checkpoint under `ckpt_dir`, or None for a fresh start.
 
@@ -231,9 +240,7 @@ def resume_point(ckpt_dir: Path) -> str | None:
         return None
     found = [p for p in ckpt_dir.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()]
     for path in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (OSError, ValueError):
+        if not whole_json(path / "trainer_state.json"):
             LOG.warning("%s is incomplete (a crash while saving); deleting it", path)
             shutil.rmtree(path)
             continue

@@ -37,6 +37,8 @@ import polars as pl  # noqa: E402
 
 from data_contracts.manifest import Manifest  # noqa: E402
 from gr2_core.report import replace_section, to_markdown  # noqa: E402
+from gr2_core.training import whole_json  # noqa: E402
+from tasks.stage import computed_stages  # noqa: E402
 
 BIN = Path(sys.executable).parent
 WEIGHTS_ATOL = 1e-5
@@ -88,18 +90,10 @@ def kill_point(root: Path, row: Row) -> str | None:
         if row.kill_when.endswith(".jsonl"):
             found = [f for f in found if f.stat().st_size > 0]
         if row.kill_when.endswith(".json"):  # the Trainer's last file of a checkpoint, whole
-            found = [f for f in found if _parses(f)]
+            found = [f for f in found if whole_json(f)]
         if found:
             return str(found[-1].relative_to(partial))
     return None
-
-
-def _parses(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def run_until(cmd: list[str], log: Path, row: Row | None, root: Path, timeout_s: float):
@@ -149,11 +143,6 @@ def resumed_at(text: str) -> str:
     """What the rerun says it resumed from: a checkpoint, an epoch, or attempts (each shard)."""
     found = [next(v for v in m.groupdict().values() if v) for m in RESUMED.finditer(text)]
     return " + ".join(found)
-
-
-def written(text: str) -> list[str]:
-    """Stages this run computed (the stage protocol's `<stage>: key <key>, writing to` line)."""
-    return re.findall(r" - (\w+): key \w+, writing to", text)
 
 
 def final_folder(root: Path, stage: str) -> Path:
@@ -238,7 +227,7 @@ def chain(flow: str, rows: list[Row], base_sets: tuple[str, ...], work: Path, ti
             raise RuntimeError(f"the last rerun failed with code {code}; log {log}")
         if i > 0:  # this run resumed the stage killed in the previous one
             prev = rows[i - 1]
-            redone = sorted(set(written(text)) & finished)
+            redone = sorted(set(computed_stages(text)) & finished)
             out, same = compare(
                 prev.stage,
                 final_folder(crash_root, prev.stage),

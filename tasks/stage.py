@@ -12,6 +12,7 @@ parent run).
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ def attach(run: StageRun, work: Path, result: StageOutput, profile: str) -> None
         create_table_artifact(
             summary.rows, key=f"gr2-{key}", description=f"{summary.description} ({profile})"
         )
+
+
+WRITING = "%s: key %s, writing to %s"  # the log line of a stage that computes its output
+_WRITING = re.compile(r" - (\w+): key \w+, writing to ")
+
+
+def computed_stages(log: str) -> list[str]:
+    """The stages a run's log says it computed (not reused), in order: for crash and rerun
+    checks that read a run's output (infra/crash_matrix.py, tests)."""
+    return _WRITING.findall(log)
 
 
 class MissingOutputError(FileNotFoundError):
@@ -149,7 +160,7 @@ class Stage:
         log = get_run_logger()
         key = folder.key
         work = folder.open()
-        log.info("%s: key %s, writing to %s", self.name, key, work)
+        log.info(WRITING, self.name, key, work)
         with stage_run(tracking, self.name, key, self.section(config)) as run:
             start = time.perf_counter()
             result = body(work, run)

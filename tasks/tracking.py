@@ -133,15 +133,16 @@ def metric_key(name: str) -> str:
 def local_paths() -> dict[str, str]:
     """This machine's folders that mean nothing elsewhere, longest first, with the placeholder
     that replaces each in logged text: the checkout (its virtual environments with it), the
-    Python installation, the home folder."""
+    Python installation, the home folder. A Python installation inside the checkout (its
+    `.venv`) is left to the checkout's placeholder: replaced first, as the longer path, it would
+    also rewrite the start of a sibling such as `.venv-vllm`."""
     from tasks.store import PROJECT_ROOT
 
-    paths = {
-        str(PROJECT_ROOT): "<gr2>",
-        str(Path(sys.prefix).resolve()): "<python>",
-        str(Path(sys.base_prefix).resolve()): "<python>",
-        str(Path.home()): "~",
-    }
+    root = Path(PROJECT_ROOT).resolve()
+    paths = {str(root): "<gr2>", str(Path.home()): "~"}
+    for prefix in {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}:
+        if not prefix.is_relative_to(root):
+            paths[str(prefix)] = "<python>"
     return dict(sorted(paths.items(), key=lambda kv: -len(kv[0])))
 
 

@@ -5,7 +5,6 @@ server is back the same command resumes without redoing the stages that had fini
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gr2_core.serving import ManagedServer, free_port
+from tasks.stage import computed_stages
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_a_server_lost_mid_run_is_named_and_the_rerun_resumes(kind, tmp_path):
         )
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-3000:]
-    redone = set(re.findall(r" - (\w+): key \w+, writing to", log))
+    redone = set(computed_stages(log))
     assert not redone & finished, redone & finished
     if "midtrain" not in finished:  # the stage that failed ran again, from its checkpoint
         assert "midtrain" in redone and "resuming training from" in log

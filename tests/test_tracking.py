@@ -38,3 +38,25 @@ def test_a_stage_keeps_a_uri_that_other_code_set(clean_uri, tmp_path):
     with mlflow_env(Tracking(tracking_uri=stage, experiment_id=""), "run-1"):
         assert mlflow.get_tracking_uri() == stage
     assert mlflow.get_tracking_uri() == mine
+
+
+def test_logged_text_names_no_local_folder_and_keeps_sibling_virtualenvs_apart(monkeypatch):
+    """A virtualenv inside the checkout (`.venv`, as `make install` makes it) must not turn the
+    teacher's `.venv-vllm` into `<python>-vllm`: the checkout's placeholder covers both."""
+    import sys
+    from pathlib import Path
+
+    from tasks.store import PROJECT_ROOT
+    from tasks.tracking import portable_text
+
+    root = Path(PROJECT_ROOT).resolve()
+    monkeypatch.setattr(sys, "prefix", str(root / ".venv"))
+    monkeypatch.setattr(sys, "base_prefix", "/opt/python3.11")
+    text = (
+        f"{root}/.venv-vllm/bin/python -m vllm ... {root}/.venv/bin/python "
+        f"/opt/python3.11/lib/python3.11/os.py {Path.home()}/.cache/huggingface"
+    )
+    assert portable_text(text) == (
+        "<gr2>/.venv-vllm/bin/python -m vllm ... <gr2>/.venv/bin/python "
+        "<python>/lib/python3.11/os.py ~/.cache/huggingface"
+    )
