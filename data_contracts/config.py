@@ -686,9 +686,10 @@ class EngineConfig(StageConfig):
 
 
 class RunnerConfig(StageConfig):
-    """Where a stage's parallel work runs: the teacher's shards (docs/scaling.md). Threads in the
-    flow's process by default, or Ray tasks through prefect-ray (`pip install -e '.[scale]'`) on
-    a local Ray instance or a running cluster. Operational: outputs do not depend on it."""
+    """Where a stage's parallel work runs: the teacher's shards and the evaluation's answer
+    shards (docs/scaling.md). Threads in the flow's process by default, or Ray tasks through
+    prefect-ray (`pip install -e '.[scale]'`) on a local Ray instance or a running cluster.
+    Operational: outputs do not depend on it."""
 
     kind: Literal["threads", "ray"] = Field(
         "threads",
@@ -701,8 +702,16 @@ class RunnerConfig(StageConfig):
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each task.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each task.")
+    eval_shards: int = Field(
+        2,
+        ge=1,
+        description="On Ray: each evaluation method's slates answered in this many Ray tasks, "
+        "each a transformers engine of its own (with a vLLM engine the server batches instead).",
+    )
 
-    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"kind", "address", "num_cpus", "num_gpus"})
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"kind", "address", "num_cpus", "num_gpus", "eval_shards"}
+    )
 
 
 class EvalConfig(StageConfig):

@@ -130,8 +130,9 @@ def _check_servers(config, prefect: bool = True) -> None:
     uri = resolve_uri(config)
     if uri.startswith(("http://", "https://")):
         fix = "start it (`make ui`), or point tracking.tracking_uri at a running one"
-        env = os.environ.get("MLFLOW_TRACKING_URI")
-        where = "MLFLOW_TRACKING_URI" if env else "tracking.tracking_uri"
+        # the setting the URI came from, in resolve_uri's order (a stage sets the variable
+        # while it runs, so the environment alone cannot tell)
+        where = "tracking.tracking_uri" if config.tracking.tracking_uri else "MLFLOW_TRACKING_URI"
         checks.append(("MLflow tracking server", uri.rstrip("/") + "/health", where, fix))
     for name, url, setting, fix in checks:
         try:  # any HTTP answer means a server is there (auth, paths are its business)

@@ -580,6 +580,79 @@ def vllm_server(model_dir: str | Path, cfg, log_path: Path, dev_mode: bool = Fal
         yield f"http://127.0.0.1:{port}"
 
 
+@dataclass(frozen=True)
+class AnswerShard:
+    """One shard of an evaluation's answers, answered by a transformers engine of its own (a
+    task on the stage's task runner, e.g. a Ray worker): `Engine.run`'s arguments."""
+
+    model_dir: str
+    messages: list[list[dict]]
+    slates: list[list[str]]
+    method: str
+    budget: int
+    histories: list[list[str]] | None
+    batch_size: int
+    num_threads: int
+    index: int = 0  # the shard's place in the list
+
+
+def answer_shard(shard: AnswerShard) -> list[Completion]:
+    """A shard's answers from the transformers model in `shard.model_dir`."""
+    from transformers import AutoTokenizer
+
+    from data_contracts.config import EngineConfig
+
+    tok = AutoTokenizer.from_pretrained(shard.model_dir)
+    local = EngineConfig(backend="transformers")
+    with open_engine(
+        shard.model_dir, tok, local, Path(), shard.batch_size, shard.num_threads
+    ) as engine:
+        return engine.run(shard.messages, shard.slates, shard.method, shard.budget, shard.histories)
+
+
+MapShards = Callable[[list[AnswerShard]], list[list[Completion]]]
+
+
+class ShardedEngine(Engine):
+    """The transformers engine's answers computed in `shards` parts through `map_shards` (the
+    stage's task runner: Ray tasks), each a whole number of batches of `batch_size`, so every
+    generate call holds the same rows as in one process and the answers are the same."""
+
+    def __init__(
+        self, model_dir, tok, batch_size: int, num_threads: int, shards: int, map_shards: MapShards
+    ):
+        self.model_dir, self.tok, self.batch_size = str(model_dir), tok, batch_size
+        self.num_threads, self.shards, self.map_shards = num_threads, shards, map_shards
+
+    def describe(self, method: str | None = None) -> str:
+        return f"transformers, batch {self.batch_size}, in {self.shards} shards on the runner"
+
+    def run(self, messages, slates, method, budget, histories=None, progress=None):
+        n = len(messages)
+        if n == 0:
+            return []
+        batches = -(-n // self.batch_size)
+        per = -(-batches // self.shards) * self.batch_size  # rows per shard: whole batches
+        parts = [
+            AnswerShard(
+                self.model_dir,
+                list(messages[a : a + per]),
+                [list(x) for x in slates[a : a + per]],
+                method,
+                budget,
+                [list(h) for h in histories[a : a + per]] if histories is not None else None,
+                self.batch_size,
+                self.num_threads,
+                k,
+            )
+            for k, a in enumerate(range(0, n, per))
+        ]
+        done = [c for part in self.map_shards(parts) for c in part]
+        if progress:
+            progress(len(done), n)
+        return done
+
+
 @contextmanager
 def open_engine(
     model_dir: str | Path, tok, cfg, log_path: Path, batch_size: int = 8, num_threads: int = 2

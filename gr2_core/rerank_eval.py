@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -23,6 +24,9 @@ from gr2_core.metrics import bootstrap_ci, per_sample_metrics, rank_of
 from gr2_core.output import Log, StageOutput
 from gr2_core.prompts import CoWatch, check_answer, student_messages
 from gr2_core.report import to_markdown
+
+if TYPE_CHECKING:
+    from gr2_core.generation import MapShards
 
 LOG = logging.getLogger(__name__)
 
@@ -178,6 +182,8 @@ def run(
     out: Path,
     log: Log = LOG,
     engine_cfg: EngineConfig | None = None,
+    map_shards: MapShards | None = None,
+    shards: int = 1,
 ) -> StageOutput:
     """A generative reranker's evaluation stage (`sft_eval_<mode>`, `rl_eval_<variant>`,
     `midtrain_rerank_eval`): answers by each of `cfg.eval_methods` against the pre-ranker order
@@ -188,10 +194,12 @@ def run(
     in this process); `scored` answers `cfg.scored_slates` (a superset) with transformers in this
     process, on the GPU when there is one: one forward pass a slate, no decoding for a server to
     speed up (on a 2-core CPU with native bf16 the tree-masked forward is about 2.5x faster
-    than scoring through vLLM's one-token requests, docs/generation.md)."""
+    than scoring through vLLM's one-token requests, docs/generation.md). With `map_shards` and
+    `shards` > 1, the transformers engine's answers are computed in that many shards through
+    `map_shards` (the stage's task runner: Ray tasks), with the same answers."""
     from transformers import AutoTokenizer
 
-    from gr2_core.generation import backend_of, open_engine
+    from gr2_core.generation import ShardedEngine, backend_of, open_engine
 
     tok = AutoTokenizer.from_pretrained(inputs.model)
     engine_cfg = engine_cfg or EngineConfig(backend="transformers")
@@ -201,6 +209,9 @@ def run(
         engines = {}
 
         def engine_for(ecfg: EngineConfig, log_name: str):
+            if map_shards is not None and shards > 1 and backend_of(ecfg) == "transformers":
+                batch, threads = cfg.eval_batch_size, cfg.num_threads
+                return ShardedEngine(inputs.model, tok, batch, threads, shards, map_shards)
             return stack.enter_context(
                 open_engine(
                     inputs.model, tok, ecfg, out / log_name, cfg.eval_batch_size, cfg.num_threads

@@ -10,13 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
 
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
 from data_contracts.rerankers import EVAL_STAGES
 from gr2_core import rerank_eval as core
+from gr2_core.generation import AnswerShard, answer_shard
 from gr2_core.report import method_label
 from tasks.inputs import prompt_identity
+from tasks.runners import map_task
 from tasks.stage import Stage
 from tasks.tracking import Tracking
 
@@ -29,6 +32,12 @@ EVAL = {
     )
     for name in EVAL_STAGES
 }
+
+
+@task(name="eval-shard", cache_policy=NONE, task_run_name="eval-{shard.method}-shard-{shard.index}")
+def eval_shard(shard: AnswerShard) -> list:
+    """One shard of an evaluation's answers, from a transformers engine of its own."""
+    return answer_shard(shard)
 
 
 @task(
@@ -66,8 +75,15 @@ def reranker_eval(
         bootstrap=config.evaluation,
     )
 
+    runner = config.runner
+    shards = runner.eval_shards if runner.kind != "threads" else 1
+
+    def on_runner(parts: list[AnswerShard]) -> list:
+        return map_task(eval_shard, [{"shard": p} for p in parts], runner, len(parts))
+
     def body(out: Path, run):
-        return core.run(inputs, config.sft, out, get_run_logger(), config.engine)
+        log = get_run_logger()
+        return core.run(inputs, config.sft, out, log, config.engine, on_runner, shards)
 
     upstream = [data, split, semantic_ids, candidates, model]
     return EVAL[stage].run(config, upstream, tracking, body)

@@ -109,6 +109,10 @@ def test_an_artifacts_root_that_cannot_be_written_is_named(tmp_path, capsys):
 def test_servers_that_are_down_are_named_before_any_stage(tmp_path, monkeypatch, capsys):
     """A Prefect API or an MLflow tracking server that nobody answers at (a free port): one
     message naming the server, its URL and setting, and the fix; nothing written."""
+    # Prefect's settings are read before the variable is set: imported for the first time
+    # under it, they would keep it after monkeypatch removes it
+    import prefect.settings  # noqa: F401
+
     from gr2_core.serving import free_port
 
     root = tmp_path / "artifacts"
@@ -125,6 +129,13 @@ def test_servers_that_are_down_are_named_before_any_stage(tmp_path, monkeypatch,
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"MLflow tracking server at {down} (tracking.tracking_uri) is not reachable" in err
+    # the setting named is the one the URI came from: the config's wins over the variable
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert main(argv) == 2
+    assert f"at {down} (tracking.tracking_uri)" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
+    assert main(["run", "--profile", "ci", "--set", f"artifacts_root={root}"]) == 2
+    assert f"at {down} (MLFLOW_TRACKING_URI) is not reachable" in capsys.readouterr().err
     assert [p.name for p in root.iterdir()] == []  # no stage started
 
 

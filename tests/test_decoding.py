@@ -254,3 +254,36 @@ def test_scoring_mode_matches_a_forward_pass_per_candidate(student):
     explained = engine.scores(messages, slates, budget=4, histories=[[], []])
     for slate, c in zip(slates, explained, strict=True):
         assert check_answer(c.text, slate, frozenset(slate)).accepted
+
+
+def test_answers_in_shards_of_whole_batches_are_the_one_engine_answers(student):
+    """What a stage's evaluation computes in shards on the task runner (each shard a fresh
+    transformers engine, as a Ray task builds it) is what one engine answers for the whole list:
+    shards are whole batches, so every generate call holds the same rows."""
+    from pathlib import Path
+
+    from data_contracts.config import EngineConfig
+    from gr2_core.generation import ShardedEngine, answer_shard, open_engine
+
+    tok = AutoTokenizer.from_pretrained(student)
+    slates = [[encode_sid([a, (b + k) % 4]) for a, b in ((0, 1), (0, 2), (3, 1))] for k in range(5)]
+    prompts = [
+        [{"role": "user", "content": f"Rank {' '.join(s)} ({k})"}] for k, s in enumerate(slates)
+    ]
+    histories = [[s[0]] for s in slates]
+    local = EngineConfig(backend="transformers")
+    sizes = []
+
+    def map_shards(parts):
+        sizes.append([len(p.messages) for p in parts])
+        return [answer_shard(p) for p in parts]
+
+    sharded = ShardedEngine(student, tok, 2, 1, 2, map_shards)
+    with open_engine(student, tok, local, Path(), batch_size=2, num_threads=1) as whole:
+        for method in ("free", "constrained", "scored", "scored_explained"):
+            expected = whole.run(prompts, slates, method, 6, histories)
+            got = sharded.run(prompts, slates, method, 6, histories)
+            assert [c.text for c in got] == [c.text for c in expected], method
+            assert [c.scores for c in got] == [c.scores for c in expected], method
+    assert sizes == [[4, 1]] * 4  # two shards of whole batches of 2
+    assert sharded.run([], [], "free", 6) == []

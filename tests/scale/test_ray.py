@@ -1,6 +1,7 @@
-"""The teacher's shards as Ray tasks through prefect-ray's task runner, on a Ray head started here
-on 127.0.0.1 (as a cluster's head would be): the ci flow writes the same traces as with Prefect's
-thread pool, and the shards ran in Ray's worker processes."""
+"""The teacher's shards and the evaluation's answer shards as Ray tasks through prefect-ray's task
+runner, on a Ray head started here on 127.0.0.1 (as a cluster's head would be): the ci flow writes
+the same traces and the same answers as with Prefect's thread pool, and the shards ran in Ray's
+worker processes."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from data_contracts.config import load_profile
 from data_contracts.manifest import Manifest
+from data_contracts.rerankers import eval_stage, sft_stage
 from flows.gr2_pipeline import gr2_pipeline
 from gr2_core.serving import free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 SHARDS = 2
+EVAL = eval_stage(sft_stage("grounded"))
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,14 @@ def _traces(root: Path) -> tuple[Manifest, dict[str, pl.DataFrame]]:
     return manifest, tables
 
 
+def _answers(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The evaluation's answers, and its metrics without the answer times."""
+    (folder,) = [p for p in (root / EVAL).iterdir() if not p.name.endswith(".partial")]
+    manifest = Manifest.read(folder)
+    metrics = pl.read_parquet(manifest.path("metrics")).filter(pl.col("metric") != "seconds")
+    return pl.read_parquet(manifest.path("answers")), metrics
+
+
 def test_teacher_shards_on_ray_write_what_the_thread_pool_writes(
     prefect_harness, ray_head, tmp_path
 ):
@@ -66,6 +77,8 @@ def test_teacher_shards_on_ray_write_what_the_thread_pool_writes(
         "teacher.modes": ["grounded"],  # the teacher without a model server: fast, offline
         "teacher.shards": SHARDS,
         "teacher.parallel_shards": SHARDS,
+        "runner.eval_shards": SHARDS,
+        "sft.eval_batch_size": 2,  # 6 decoded slates a split: 3 batches, so 2 shards
         "rl.variants": [],
         "registry.enabled": False,
     }
@@ -74,9 +87,12 @@ def test_teacher_shards_on_ray_write_what_the_thread_pool_writes(
     by_threads, tables_threads = _traces(root)
     assert tables_threads["grounded_attempts"].height > 0
 
-    # the same run on Ray: the traces output moved away, Prefect's cache records ignored, so
-    # traces is computed again (on Ray) and every other stage reuses its output
+    answers_threads = _answers(root)
+
+    # the same run on Ray: the traces and evaluation outputs moved away, Prefect's cache records
+    # ignored, so both are computed again (on Ray) and every other stage reuses its output
     shutil.move(root / "traces", tmp_path / "traces-threads")
+    shutil.move(root / EVAL, tmp_path / "eval-threads")
     on_ray = load_profile(
         "ci", overrides | {"runner.kind": "ray", "runner.address": ray_head["address"]}
     )
@@ -90,9 +106,14 @@ def test_teacher_shards_on_ray_write_what_the_thread_pool_writes(
     assert tables_ray.keys() == tables_threads.keys()
     for name, table in tables_threads.items():
         assert tables_ray[name].equals(table), name
+    # the evaluation's answers (each method's slates in two Ray tasks), the same too
+    answers_ray = _answers(root)
+    assert answers_ray[0].equals(answers_threads[0])
+    assert answers_ray[1].equals(answers_threads[1])
     # each shard ran as a Prefect task run inside one of the head's Ray workers
     logs = "".join(
         p.read_text(errors="replace") for p in ray_head["tmp"].glob("session_*/logs/worker-*")
     )
     for k in range(SHARDS):
         assert f"grounded-shard-{k}" in logs, k
+        assert f"eval-free-shard-{k}" in logs and f"eval-scored-shard-{k}" in logs, k
