@@ -32,10 +32,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def in_worker() -> bool:
     """Whether this process is one of a torchrun job's (then training runs here, not relaunched)."""
     return "TORCHELASTIC_RUN_ID" in os.environ or world_size() > 1

@@ -1,4 +1,5 @@
-"""The task runner behind a stage's fan-out (the teacher's shards), chosen by `config.runner`.
+"""The task runner behind a stage's fan-out (the teacher's shards, the evaluation's answer shards),
+chosen by `config.runner`.
 
 `threads`: Prefect's thread pool in the flow's process. `ray`: prefect-ray's `RayTaskRunner`,
 each call a Ray task on a local Ray instance (started for the stage and stopped after it) or on

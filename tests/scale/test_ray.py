@@ -31,7 +31,7 @@ EVAL = eval_stage(sft_stage("grounded"))
 @pytest.fixture(scope="module")
 def ray_head():
     """`ray start --head` on 127.0.0.1 with two CPUs; stopped (with its workers) after."""
-    tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are
+    tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are capped
     port = free_port()
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1"]
@@ -46,9 +46,13 @@ def ray_head():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _published(root: Path, stage: str) -> Manifest:
+    (folder,) = [p for p in (root / stage).iterdir() if not p.name.endswith(".partial")]
+    return Manifest.read(folder)
+
+
 def _traces(root: Path) -> tuple[Manifest, dict[str, pl.DataFrame]]:
-    (folder,) = [p for p in (root / "traces").iterdir() if not p.name.endswith(".partial")]
-    manifest = Manifest.read(folder)
+    manifest = _published(root, "traces")
     tables = {
         name: pl.read_parquet(manifest.path(name)).drop("seconds", strict=False)
         for name in manifest.files
@@ -59,15 +63,12 @@ def _traces(root: Path) -> tuple[Manifest, dict[str, pl.DataFrame]]:
 
 def _answers(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The evaluation's answers, and its metrics without the answer times."""
-    (folder,) = [p for p in (root / EVAL).iterdir() if not p.name.endswith(".partial")]
-    manifest = Manifest.read(folder)
+    manifest = _published(root, EVAL)
     metrics = pl.read_parquet(manifest.path("metrics")).filter(pl.col("metric") != "seconds")
     return pl.read_parquet(manifest.path("answers")), metrics
 
 
-def test_teacher_shards_on_ray_write_what_the_thread_pool_writes(
-    prefect_harness, ray_head, tmp_path
-):
+def test_shards_on_ray_write_what_the_thread_pool_writes(prefect_harness, ray_head, tmp_path):
     root = tmp_path / "artifacts"
     overrides = {
         "artifacts_root": str(root),
