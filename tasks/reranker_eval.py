@@ -8,6 +8,7 @@ One task for every trained reranker (SFT per trace mode, RL per variant): its an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
@@ -16,12 +17,14 @@ from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
 from data_contracts.rerankers import EVAL_STAGES
 from gr2_core import rerank_eval as core
-from gr2_core.generation import AnswerShard, answer_shard
 from gr2_core.report import method_label
 from tasks.inputs import prompt_identity
 from tasks.runners import map_task
 from tasks.stage import Stage
 from tasks.tracking import Tracking
+
+if TYPE_CHECKING:  # the engine module loads transformers' Trainer: imported where it runs
+    from gr2_core.generation import AnswerShard
 
 EVAL = {
     name: Stage(
@@ -37,6 +40,8 @@ EVAL = {
 @task(name="eval-shard", cache_policy=NONE, task_run_name="eval-{shard.method}-shard-{shard.index}")
 def eval_shard(shard: AnswerShard) -> list:
     """One shard of an evaluation's answers, from a transformers engine of its own."""
+    from gr2_core.generation import answer_shard
+
     return answer_shard(shard)
 
 
