@@ -112,7 +112,7 @@ def main() -> None:
     )
     with server as url:
         engine = VLLMEngine(url, SERVED_NAME, tok, config.engine.concurrency) if served else None
-        trainer, history = train_dapo(
+        _, history = train_dapo(
             sft.path("model"),
             rows,
             out,
@@ -128,13 +128,15 @@ def main() -> None:
     batch_times = [sum(clock.times[i : i + k]) for i in range(0, len(clock.times), k)]
     table = []
     for batch, (r, secs) in enumerate(zip(logged, batch_times, strict=False), start=1):
-        stats = trainer.dynamic_history[batch - 1] if batch <= len(trainer.dynamic_history) else {}
+        stats = {k.removeprefix("dynamic/"): v for k, v in r.items() if k.startswith("dynamic/")}
         row = {
             "rollout batch": batch,
             "optimizer steps": k,
             "seconds": round(secs, 1),
-            "generation rounds": 1 + stats.get("extra_rounds", 0),
-            "rollouts": (1 + stats.get("extra_rounds", 0)) * cfg.group_size * cfg.prompts_per_step,
+            "generation rounds": 1 + int(stats.get("extra_rounds", 0)),
+            "rollouts": (1 + int(stats.get("extra_rounds", 0)))
+            * cfg.group_size
+            * cfg.prompts_per_step,
             "reward": round(r["reward"], 3),
             "invalid rate": round(r["monitor/invalid_rate"], 3),
             "identity rate": round(r["monitor/identity_rate"], 3),

@@ -539,7 +539,12 @@ class RLConfig(StageConfig):
     alpha: float = Field(0.2, ge=0, description="Weight of the format reward.")
     slates: int = Field(400, ge=1, description="Training slates (target in the slate) used.")
     group_size: int = Field(8, ge=2, description="Completions per prompt (the GRPO group).")
-    prompts_per_step: int = Field(2, ge=1, description="Groups per optimizer step.")
+    prompts_per_step: int = Field(
+        2,
+        ge=1,
+        description="Groups per rollout batch on each training process (the global batch is "
+        "prompts_per_step x processes groups).",
+    )
     mini_batches: int = Field(
         2,
         ge=1,
@@ -595,6 +600,8 @@ class RLConfig(StageConfig):
         description="Checkpoint interval in optimizer steps (resume point); a multiple of "
         "mini_batches x num_iterations, so a checkpoint never splits a rollout batch.",
     )
+    processes: int = PROCESSES
+    launch_config: str | None = LAUNCH_CONFIG
     num_threads: int = Field(2, ge=1)
     seed: int = 0
 

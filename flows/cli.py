@@ -31,11 +31,16 @@ class UsageError(Exception):
 
 
 class ServerDown(UsageError):
-    """A server the command needs does not answer: `what` names it, `fix` says what to do."""
+    """A server the command needs does not answer: `what` names it, `fix` says what to do,
+    `server` is "prefect" or "mlflow"."""
 
-    def __init__(self, what: str, fix: str):
+    def __init__(self, what: str, fix: str, server: str = ""):
         super().__init__(f"{what}; {fix}")
-        self.what, self.fix = what, fix
+        self.what, self.fix, self.server = what, fix, server
+
+
+# servers found lost during this process's run (`console` ends the process at once after one)
+LOST: set[str] = set()
 
 
 def config_message(err: BaseException) -> str:
@@ -140,7 +145,7 @@ def _check_servers(config, prefect: bool = True) -> None:
         except httpx.HTTPError as err:
             where = url.rsplit("/health", 1)[0]
             what = f"{name} at {where} ({setting}) is not reachable ({type(err).__name__})"
-            raise ServerDown(what, fix) from err
+            raise ServerDown(what, fix, "prefect" if name == "Prefect API" else "mlflow") from err
 
 
 def _disk_full(err: BaseException) -> bool:
@@ -192,6 +197,7 @@ def _run_flow(flow_fn, config, refresh: bool):
         try:
             _check_servers(config)
         except ServerDown as gone:
+            LOST.add(gone.server)
             raise UsageError(
                 f"{gone.what}: it stopped answering during the run. "
                 f"Finished stages are kept under {config.artifacts_root}; run the same command "
@@ -558,5 +564,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console() -> None:
+    """The `gr2` console script: `main`, then exit with its code. After a run that lost the
+    Prefect API, Prefect's event worker would try to deliver each event it queued, one
+    connection timeout after another (about 40 s on the ci profile), before the process could
+    end; none can be delivered, so the process ends at once (standard streams flushed; MLflow
+    logs synchronously)."""
+    code = main()
+    if "prefect" in LOST:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

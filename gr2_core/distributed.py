@@ -1,7 +1,8 @@
 """Training in several processes through torchrun, started from inside a stage.
 
 A stage runs in one process (a Prefect task). When its config asks for `processes > 1`, the
-training call (`training.train`, `sft.train_sft`) re-launches itself with `launch`: torchrun
+training call (`training.train`, `sft.train_sft`, `rl.train_dapo`, each marked `relaunched`)
+re-launches itself with `launch`: torchrun
 starts that many copies of this module on this machine, each runs the same function with the
 same arguments (the Trainer then trains data-parallel: gloo on CPU, NCCL on GPUs; or FSDP /
 DeepSpeed through an accelerate launch configuration), the trained model and the log history are
@@ -13,7 +14,9 @@ same number of processes. Across machines, the same entry point runs under `torc
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -93,6 +96,32 @@ def launch(
     history = json.loads((result / "log_history.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(result / "model")
     return model, history
+
+
+def relaunched(settings: str):
+    """Mark a training call: when its argument `settings` (a config with `processes` and
+    `launch_config`) asks for more than one process and this process is not one of a launch's,
+    the call runs in that many processes instead (`launch`, its arguments pickled, its
+    `out_dir` holding the checkpoints) and returns their (model, log history). The call itself
+    returns (model, log history) and ends with `finish(trainer)`."""
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            cfg = bound.arguments[settings]
+            if cfg.processes > 1 and not in_worker():
+                target = f"{fn.__module__}:{fn.__name__}"
+                out_dir = Path(bound.arguments["out_dir"])
+                return launch(target, bound.arguments, cfg.processes, out_dir, cfg.launch_config)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
 
 
 def finish(trainer) -> None:

@@ -36,6 +36,14 @@ Without the mask, a group with negative advantages would push down exactly the t
 an answer valid. Tokens chosen among several allowed ones are scored under the unconstrained
 policy.
 
+In several processes (`rl.processes`, torchrun through `gr2_core.distributed`): each process
+rolls out `prompts_per_step` groups; TRL gathers the rewards, so every process sees the global
+batch's and takes the same dynamic-sampling decisions, and the chosen groups are gathered and
+shared out again. Each group is sampled with a seed of its own (the step, the round, its place in
+the global batch), so 2 processes of one group make the rollouts and updates of 1 process of two
+(tests/scale/test_multiprocess.py). The loss normaliser counts every process's trained tokens,
+as TRL's does; the monitors are means over processes and the main process writes the rollouts.
+
 Monitors, logged with TRL's metrics every step (and so to MLflow when `report_to` has it):
 each reward component (`rewards/<name>/mean`), `dynamic/zero_std_before` and `/after`,
 `dynamic/extra_rounds`, `dynamic/shortfall_groups`, the rollouts' `monitor/identity_rate`,
@@ -60,6 +68,7 @@ import polars as pl
 import torch
 
 from data_contracts.config import EngineConfig, PromptConfig, RLConfig
+from gr2_core import distributed
 from gr2_core.catalogue import Catalogue
 from gr2_core.decoding import AnswerProcessor
 from gr2_core.generation import SERVED_NAME, VLLMEngine, backend_of, machines_for, vllm_server
@@ -209,11 +218,6 @@ def dapo_trainer_class():
             self.budget = budget
             self.slate_sids = slate_sids
             self._slates: list[list[str]] | None = None
-            if dynamic_sampling and self.accelerator.num_processes > 1:
-                raise NotImplementedError(
-                    "dynamic sampling selects whole groups on one process; run DAPO on one "
-                    "process per node or set rl.dynamic_sampling=false"
-                )
             self.dynamic_sampling = dynamic_sampling
             self.max_rounds = max_rounds
             unknown = set(filter_on) - set(self.reward_func_names)
@@ -228,6 +232,7 @@ def dapo_trainer_class():
             self.rollout_log = Path(rollout_log) if rollout_log else None
             self.dynamic_history: list[dict] = []
             self._round_rewards: torch.Tensor | None = None
+            self._round = 0  # the generation round of the rollout batch (dynamic sampling)
 
         # -- log-probabilities of the completion tokens only, on CPU ---------------------------
         def _get_per_token_logps_and_entropies(
@@ -274,6 +279,9 @@ def dapo_trainer_class():
 
         # -- budget-forced rollouts, the list optionally constrained to the slate ---------------
         def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+            """Rollouts through the answer machine: from the engine, or from transformers'
+            generate one group at a time, each group with its own seed (`_group_seed`), so the
+            rollouts do not depend on how the batch is split into processes."""
             if self._slates is None:
                 return super()._generate_single_turn(prompt_ids, *args, **kwargs)
             if self.use_vllm or self.use_transformers_continuous_batching:
@@ -295,19 +303,42 @@ def dapo_trainer_class():
                 )
             if self.engine is not None:
                 return self._engine_rollouts(prompt_ids, machines)
-            answer_processor = AnswerProcessor(machines)
-            processor = LogitsProcessorList([answer_processor])
+            g = self.num_generations if self.model.training else len(prompt_ids)
+            completions, forced = [], []
+            for start in range(0, len(prompt_ids), g):
+                rows = prompt_ids[start : start + g]
+                if self.model.training and any(r != rows[0] for r in rows):
+                    raise RuntimeError("a rollout group holds different prompts")
+                processor = AnswerProcessor(machines[start : start + g])
+                seed = self._group_seed(start // g)
+                done, _ = self._sample(rows, LogitsProcessorList([processor]), seed, args, kwargs)
+                completions += done
+                forced += [{i for i, f in enumerate(row) if f} for row in processor.forced]
+            self._forced = forced
+            return completions, None
+
+        def _group_seed(self, group: int) -> int:
+            """The sampling seed of one group of this rollout batch: the step, the generation
+            round and the group's place in the global batch (so the same on any number of
+            processes)."""
+            first = self.accelerator.process_index * len(self._slates) // self.num_generations
+            base = self.args.seed * 1_000_003 + self.state.global_step * 101 + self._round
+            return base * 7_919 + first + group
+
+        def _sample(self, prompt_ids, processor, seed: int, args, kwargs):
+            """TRL's generation of one group with the answer machine's logits processor and a
+            seed of its own (the global random state is left as it was)."""
             model = self.accelerator.unwrap_model(self.model)
             # TRL calls model.generate(**inputs, generation_config=...) and has no argument for
             # a logits processor: add it to that one call, then restore the method
             own = vars(model).get("generate")  # an instance-level generate, if any, comes back
             model.generate = functools.partial(model.generate, logits_processor=processor)
+            devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
             try:
-                return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(seed)
+                    return super()._generate_single_turn(prompt_ids, *args, **kwargs)
             finally:
-                self._forced = [
-                    {i for i, f in enumerate(row) if f} for row in answer_processor.forced
-                ]
                 if own is None:
                     del model.generate
                 else:
@@ -318,12 +349,17 @@ def dapo_trainer_class():
             first if the optimizer stepped since the server last loaded them."""
             mode = "train" if self.model.training else "eval"
             if self._served_step != self.state.global_step:
-                model = self.accelerator.unwrap_model(self.model)
-                took = self.engine.load_weights(model, self.sync_dir)
+                # one server for every process: the main one writes the weights (the same on
+                # every data-parallel process) and has it reload them, the others wait
+                if self.accelerator.is_main_process:
+                    model = self.accelerator.unwrap_model(self.model)
+                    took = self.engine.load_weights(model, self.sync_dir)
+                    self._metrics[mode]["timing/weight_sync_s"].append(took)
+                self.accelerator.wait_for_everyone()
                 self._served_step = self.state.global_step
-                self._metrics[mode]["timing/weight_sync_s"].append(took)
             self._rollout_batches += 1
             seed = self.args.seed * 1_000_003 + self._rollout_batches * 10_007
+            seed += self.accelerator.process_index * len(prompt_ids)  # a seed per global row
             start = time.perf_counter()
             done = self.engine.complete(
                 prompt_ids, machines, temperature=self.temperature, top_p=self.top_p, seed=seed
@@ -332,7 +368,7 @@ def dapo_trainer_class():
             self._forced = [{i for i, f in enumerate(c.forced) if f} for c in done]
             return [list(c.token_ids) for c in done], None
 
-        # -- rewards of the round, kept for the group selection -------------------------------
+        # -- rewards of the round (every process's), kept for the group selection -------------
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             weights = self.reward_weights.to(per_func.device)
@@ -340,7 +376,8 @@ def dapo_trainer_class():
                 per_func, weights, self.reward_func_names, self.filter_on
             )
             total = (per_func * weights.unsqueeze(0)).nansum(dim=1)
-            self._record(inputs, completions, completion_ids_list, total)
+            mine = self.accelerator.process_index * len(prompts)  # TRL gathered every process's
+            self._record(inputs, completions, completion_ids_list, total[mine:][: len(prompts)])
             return per_func
 
         # -- forced tokens of constrained rollouts: out of the loss ---------------------------
@@ -351,9 +388,12 @@ def dapo_trainer_class():
                 return out
             mask = out["completion_mask"]
             out["tool_mask"] = loss_mask_without(mask, out.get("tool_mask"), forced)
-            out["num_items_in_batch"] = (mask * out["tool_mask"]).sum()
+            # the loss is normalised by the trained tokens of every process (as TRL counts them)
+            out["num_items_in_batch"] = self.accelerator.gather((mask * out["tool_mask"]).sum())
+            out["num_items_in_batch"] = out["num_items_in_batch"].sum()
             if self.model.training:
-                share = 1.0 - float(out["num_items_in_batch"] / mask.sum().clamp(min=1))
+                tokens = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
+                share = 1.0 - float(out["num_items_in_batch"] / tokens)
                 self._metrics["train"]["monitor/forced_token_share"].append(share)
             return out
 
@@ -370,25 +410,41 @@ def dapo_trainer_class():
             judged = self.monitor_reward.judgements(
                 completions, slates, targets, completion_ids_list
             )
-            for name, value in monitor(judged).items():
-                self._metrics["train"][f"monitor/{name}"].append(value)
+            # every process judges its own rollouts (as many on each): the means over processes
+            values = monitor(judged)
             ndcg = ndcg_at_k([j.output_rank for j in judged], 5)  # 0 = miss or unrankable
-            self._metrics["train"]["monitor/ndcg_at_5"].append(float(ndcg.mean()))
-            if self.rollout_log is not None:
+            values["ndcg_at_5"] = float(ndcg.mean())
+            local = torch.tensor(list(values.values()), device=self.accelerator.device)
+            means = self.accelerator.gather(local).view(-1, len(values)).mean(dim=0).tolist()
+            for name, value in zip(values, means, strict=True):
+                self._metrics["train"][f"monitor/{name}"].append(value)
+            if self.rollout_log is None:
+                return
+            rows = [
+                {
+                    "step": self.state.global_step,
+                    "prompt": x.get("prompt_index"),
+                    "completion": completion_text(c),
+                    "reward": r,
+                    "reason": j.reason,
+                    "identity": j.identity,
+                }
+                for x, c, r, j in zip(inputs, completions, rewards.tolist(), judged, strict=True)
+            ]
+            rows = self._gather_objects(rows)  # in the global batch's order
+            if self.accelerator.is_main_process:
                 self.rollout_log.parent.mkdir(parents=True, exist_ok=True)
                 with self.rollout_log.open("a", encoding="utf-8") as f:
-                    for x, c, r, j in zip(
-                        inputs, completions, rewards.tolist(), judged, strict=True
-                    ):
-                        row = {
-                            "step": self.state.global_step,
-                            "prompt": x.get("prompt_index"),
-                            "completion": completion_text(c),
-                            "reward": r,
-                            "reason": j.reason,
-                            "identity": j.identity,
-                        }
+                    for row in rows:
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+        def _gather_objects(self, items: list) -> list:
+            """Every process's `items`, concatenated in process order (on every process)."""
+            if self.accelerator.num_processes == 1:
+                return items
+            from accelerate.utils import gather_object
+
+            return gather_object(items)
 
         # -- dynamic sampling -----------------------------------------------------------------
         def _informative(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -398,20 +454,30 @@ def dapo_trainer_class():
             return spread > 1e-6
 
         def _draw(self, groups: int, round_: int) -> list[dict]:
-            """`groups` fresh prompts from the training set, each repeated for its group."""
+            """`groups` fresh prompts from the training set for this process, each repeated for
+            its group: this process's share of one draw for the global batch (the same draw on
+            any number of processes)."""
             gen = torch.Generator().manual_seed(
                 self.args.seed * 1_000_003 + self.state.global_step * 101 + round_
             )
-            idx = torch.randint(len(self.train_dataset), (groups,), generator=gen).tolist()
-            return [dict(self.train_dataset[i]) for i in idx for _ in range(self.num_generations)]
+            total = groups * self.accelerator.num_processes
+            idx = torch.randint(len(self.train_dataset), (total,), generator=gen).tolist()
+            mine = idx[self.accelerator.process_index * groups :][:groups]
+            return [dict(self.train_dataset[i]) for i in mine for _ in range(self.num_generations)]
 
         def _generate_and_score_completions(self, inputs):
+            """One rollout batch; with dynamic sampling, rounds of fresh prompts until the global
+            batch holds as many informative groups as it had groups (or the rounds run out).
+            The rewards are every process's (TRL gathers them), so every process takes the same
+            decisions; the chosen groups are gathered and each process keeps its share."""
+            self._round = 0
             out = self._generate_round(inputs)
             if not (self.dynamic_sampling and self.model.training):
                 return out
             g = self.num_generations
-            need = len(inputs) // g
-            outputs = [out]
+            local = len(inputs) // g  # groups on this process
+            need = local * self.accelerator.num_processes  # groups in the global batch
+            outputs = [out]  # this process's part of each round
             keep = self._informative(self._round_rewards)
             before = 1.0 - keep.float().mean().item()
             picks = [(0, i) for i in range(need) if keep[i]]
@@ -419,27 +485,47 @@ def dapo_trainer_class():
             rounds = 0
             while len(picks) < need and rounds < self.max_rounds:
                 rounds += 1
-                fresh = self._draw(need, rounds)
-                extra = self._generate_round(fresh)
-                outputs.append(extra)
+                self._round = rounds
+                outputs.append(self._generate_round(self._draw(local, rounds)))
                 ok = self._informative(self._round_rewards)
                 picks += [(rounds, i) for i in range(need) if ok[i]]
                 spare += [(rounds, i) for i in range(need) if not ok[i]]
             shortfall = max(need - len(picks), 0)
             picks = (picks + spare[:shortfall])[:need]
-            merged = select_groups(outputs, picks, g, self._tokenizer.pad_token_id)
-            after = shortfall / need
+            if picks != [(0, i) for i in range(need)]:
+                out = self._take_groups(outputs, picks, local)
             stats = {
                 "step": self.state.global_step,
                 "zero_std_before": before,
-                "zero_std_after": after,
+                "zero_std_after": shortfall / need,
                 "extra_rounds": rounds,
                 "shortfall_groups": shortfall,
             }
             self.dynamic_history.append(stats)
             for k in ("zero_std_before", "zero_std_after", "extra_rounds", "shortfall_groups"):
                 self._metrics["train"][f"dynamic/{k}"].append(float(stats[k]))
-            return merged
+            return out
+
+        def _take_groups(self, outputs: list[dict], picks: list[tuple[int, int]], local: int):
+            """This process's share of the batch made of the `picks` (round, global group):
+            every process's rounds are gathered, the picked groups merged in order (the loss
+            normaliser counts them all), and the process keeps its `local` groups."""
+            procs, rank = self.accelerator.num_processes, self.accelerator.process_index
+            device = self.accelerator.device
+            if procs > 1:  # round r of process p at index r * procs + p
+                parts = [{k: v.cpu() for k, v in o.items()} for o in outputs]
+                outputs = self._gather_objects(parts)
+                outputs = [
+                    outputs[p * len(parts) + r] for r in range(len(parts)) for p in range(procs)
+                ]
+            at = [(r * procs + i // local, i % local) for r, i in picks]
+            merged = select_groups(outputs, at, self.num_generations, self._tokenizer.pad_token_id)
+            rows = slice(
+                rank * local * self.num_generations, (rank + 1) * local * self.num_generations
+            )
+            mine = {k: v[rows].to(device) for k, v in merged.items() if k != "num_items_in_batch"}
+            mine["num_items_in_batch"] = merged["num_items_in_batch"].to(device)
+            return mine
 
     return DAPOTrainer
 
@@ -538,6 +624,7 @@ def dapo_args(cfg, output_dir: Path, report_to: tuple[str, ...] = ()):
     )
 
 
+@distributed.relaunched("cfg")
 def train_dapo(
     model_dir,
     rows: list[dict],
@@ -556,7 +643,11 @@ def train_dapo(
     conditional (GR2) or unconditional reward, resuming from the newest checkpoint in
     `out_dir/checkpoints`. `extra_rewards` are more task rewards (weight 1, part of the
     dynamic-sampling signal); `engine`: a `VLLMEngine` serving `model_dir` with weight reloads
-    allowed, for the rollouts (None: transformers' generate). Returns (trainer, log history)."""
+    allowed, for the rollouts (None: transformers' generate). Returns (model, log history).
+    With `cfg.processes > 1` the same call runs in that many torchrun processes
+    (`gr2_core.distributed`): the rollout batch of each process is `cfg.prompts_per_step` groups,
+    dynamic sampling decides on the global batch, and the processes share the engine (the main
+    one syncs the weights)."""
     from datasets import Dataset
 
     from gr2_core.training import load_trainable, resume_point
@@ -595,11 +686,14 @@ def train_dapo(
         engine=engine,
         sync_dir=out_dir / "served_weights" if engine is not None else None,
     )
+    distributed.check_world(trainer.args.world_size, cfg.processes)
     resume = resume_point(ckpt)
-    if resume:  # rollouts after the checkpoint are generated again: drop their old records
+    if resume and trainer.is_world_process_zero():  # the main process writes the rollouts
+        # rollouts after the checkpoint are generated again: drop their old records
         trim_rollouts(out_dir / "completions.jsonl", int(resume.rsplit("-", 1)[-1]))
     trainer.train(resume_from_checkpoint=resume)
-    return trainer, trainer.state.log_history
+    distributed.finish(trainer)
+    return trainer.model, trainer.state.log_history
 
 
 def eos_token_ids(tok, model) -> tuple[int, ...]:
@@ -714,7 +808,7 @@ def run(
         log.info(
             "rl_%s: rollouts from %s", variant, engine.describe() if served else "transformers"
         )
-        trainer, history = train_dapo(
+        model, history = train_dapo(
             inputs.model,
             rows,
             out,
@@ -726,12 +820,13 @@ def run(
             budget=inputs.prompt.max_explanation_tokens,
             engine=engine,
         )
-    trainer.model.save_pretrained(out / "model", safe_serialization=True)
+    model.save_pretrained(out / "model", safe_serialization=True)
     tok.save_pretrained(out / "model")
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
     close(rl_curves({f"rl-{variant}": history}, out / "curves.png"))
     steps = [r for r in history if "monitor/identity_rate" in r]
-    metrics = {"train_slates": float(len(rows)), "steps": float(trainer.state.global_step)}
+    steps_done = max((r.get("step", 0) for r in history), default=0)
+    metrics = {"train_slates": float(len(rows)), "steps": float(steps_done)}
     if steps:
         last = steps[-1]
         for k in ("monitor/identity_rate", "monitor/invalid_rate", "monitor/ndcg_at_5"):

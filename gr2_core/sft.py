@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from data_contracts.config import PromptConfig, SFTConfig
+from gr2_core import distributed
 from gr2_core.catalogue import Catalogue
 from gr2_core.decoding import ANSWER, REASONING, answer_ids, explanation_body, fit_explanation
 from gr2_core.generation import prompt_ids
@@ -155,6 +156,7 @@ def weighted_sft_trainer_class():
     return WeightedSFTTrainer
 
 
+@distributed.relaunched("cfg")
 def train_sft(
     model_dir,
     rows: list[dict],
@@ -172,22 +174,7 @@ def train_sft(
     from datasets import Dataset
     from trl import SFTConfig as TRLConfig
 
-    from gr2_core import distributed
     from gr2_core.training import common_args, load_trainable, resume_point
-
-    if cfg.processes > 1 and not distributed.in_worker():
-        kwargs = dict(
-            model_dir=model_dir,
-            rows=rows,
-            out_dir=out_dir,
-            cfg=cfg,
-            tok=tok,
-            report_to=report_to,
-            callbacks=tuple(callbacks),
-        )
-        return distributed.launch(
-            f"{__name__}:train_sft", kwargs, cfg.processes, out_dir, cfg.launch_config
-        )
 
     model = load_trainable(model_dir, cfg.num_threads)
     ckpt = out_dir / "checkpoints"

@@ -249,6 +249,7 @@ def resume_point(ckpt_dir: Path) -> str | None:
     return None
 
 
+@distributed.relaunched("settings")
 def train(
     model_dir: Path,
     train_rows: pl.DataFrame,
@@ -262,20 +263,6 @@ def train(
     """Train (resuming from the newest checkpoint in `out_dir/checkpoints`); returns the model
     and the Trainer's log history. With `settings.processes > 1`, the same call runs in that
     many torchrun processes (`gr2_core.distributed`)."""
-    if settings.processes > 1 and not distributed.in_worker():
-        kwargs = dict(
-            model_dir=model_dir,
-            train_rows=train_rows,
-            eval_rows=eval_rows,
-            out_dir=out_dir,
-            settings=settings,
-            first_new_token=first_new_token,
-            pad_id=pad_id,
-            callbacks=tuple(callbacks),
-        )
-        return distributed.launch(
-            f"{__name__}:train", kwargs, settings.processes, out_dir, settings.launch_config
-        )
     model = load_trainable(model_dir, settings.num_threads)
     ckpt_dir = out_dir / "checkpoints"
     args = TrainingArguments(

@@ -106,7 +106,8 @@ def test_pipeline_tracks_caches_and_reruns_only_what_changed(
     monkeypatch.setenv(ci_config.teacher.api_key_env, SECRET)
     ci_config = ci_config.model_copy(
         update={
-            "teacher": ci_config.teacher.model_copy(update={"modes": ["targeted"]}),
+            # two slates (one a shard): the teacher's stepwise decoding is this test's longest step
+            "teacher": ci_config.teacher.model_copy(update={"modes": ["targeted"], "slates": 2}),
             "rl": ci_config.rl.model_copy(update={"variants": ["targeted"]}),
         }
     )

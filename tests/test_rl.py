@@ -281,10 +281,10 @@ def test_dapo_runs_a_few_steps_and_resumes_after_a_crash(tiny, tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
     log = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert {r["step"] for r in log} == {0, 1, 2}
-    trainer, history = train_dapo(
+    _, history = train_dapo(
         tiny, _rows(), tmp_path, cfg, tok, known, extra_rewards=(TextSpread(),), budget=BUDGET
     )
-    assert trainer.state.global_step == 3
+    assert max(r["step"] for r in history) == 3
     log = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in log]
     assert sorted(set(steps)) == [0, 1, 2] and steps == sorted(steps)  # step 2 redone once

@@ -311,18 +311,19 @@ def test_rejection_run_writes_every_attempt_and_statistics(teacher_model, catalo
         assert row["recommendations"][0] == cat.sid[row["target"]]
 
 
-def _kill_after_first_attempt(server: ManagedServer, path: Path, thread: threading.Thread):
+def _kill_after_first_attempts(server: ManagedServer, paths: list[Path], threads):
     deadline = time.monotonic() + 300
-    while not tr.read_attempts(path) and thread.is_alive() and time.monotonic() < deadline:
+    while time.monotonic() < deadline and any(
+        not tr.read_attempts(p) and t.is_alive() for p, t in zip(paths, threads, strict=True)
+    ):
         time.sleep(0.2)
-    server.kill()  # a crash, after at least one attempt was written
-    return tr.read_attempts(path)
+    server.kill()  # a crash, after each shard wrote at least one attempt
 
 
 @pytest.mark.slow
 def test_a_server_killed_mid_run_is_survived_and_resumed(teacher_model, catalogue_jobs, tmp_path):
     cat, jobs = catalogue_jobs
-    jobs = jobs[:2]  # two slates show the same as three, and each phase samples them all again
+    jobs = jobs[:2]  # two slates show the same as three, and each shard samples them all
     port = free_port()
     server = _server(teacher_model, tmp_path / "server.log", port).start()
     results = {}
@@ -338,29 +339,28 @@ def test_a_server_killed_mid_run_is_survived_and_resumed(teacher_model, catalogu
         thread.start()
         return thread
 
+    # two shards at once on the server, killed once each has written an attempt and started
+    # again: (1) the first one's retry budget (about 6 minutes of waits of at most 8 s) outlasts
+    # a restart on a busy CPU, so its requests in flight are retried; (2) the second one gives up
+    # after one short retry and stops, and a rerun resumes it
+    retried, path = tmp_path / "retried.jsonl", tmp_path / "resumed.jsonl"
     try:
-        # 1. killed and back within the retry budget: the requests in flight are retried (the
-        # budget, about 6 minutes of waits of at most 8 s, outlasts a restart on a busy CPU)
-        path = tmp_path / "retried.jsonl"
-        thread = shard(path, Retry(60, 1.0, 8.0), "retried")
-        _kill_after_first_attempt(server, path, thread)
-        server.start()
-        thread.join(600)
-        assert results["retried"].failed_requests == 0
-        done = tr.read_attempts(path)
-        assert {a.job_id for a in done if a.accepted or a.attempt == 3} == {j.job_id for j in jobs}
-
-        # 2. killed for longer than the retries: the shard stops, a rerun resumes
-        path = tmp_path / "resumed.jsonl"
-        thread = shard(path, Retry(1, 0.2, 0.5), "stopped")
-        before = _kill_after_first_attempt(server, path, thread)
-        thread.join(120)
+        threads = [
+            shard(retried, Retry(60, 1.0, 8.0), "retried"),
+            shard(path, Retry(1, 0.2, 0.5), "stopped"),
+        ]
+        _kill_after_first_attempts(server, [retried, path], threads)
+        threads[1].join(120)
         before = tr.read_attempts(path)
         assert before, "an attempt was written before the kill"
         decided = {a.job_id for a in before if a.accepted or a.attempt == 3}
         if decided != {j.job_id for j in jobs}:  # slates in flight failed after their retries
             assert results["stopped"].failed_requests > 0
         server.start()
+        threads[0].join(600)
+        assert results["retried"].failed_requests == 0
+        done = tr.read_attempts(retried)
+        assert {a.job_id for a in done if a.accepted or a.attempt == 3} == {j.job_id for j in jobs}
         second = tr.run_shard(jobs, cat, _teacher(port), path, "targeted", **THREE_TRIES)
     finally:
         server.stop()

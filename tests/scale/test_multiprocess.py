@@ -1,17 +1,25 @@
-"""Data-parallel training in two torchrun processes on this CPU (gloo): the same optimizer steps as
-one process at the same global batch, and resume after a crash with two processes."""
+"""Data-parallel training in two torchrun processes on this CPU (gloo): mid-training, SFT and DAPO
+make the same optimizer steps as one process at the same global batch, and mid-training resumes
+after a crash with two processes."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from data_contracts.config import SFTConfig
+from gr2_core.rl import train_dapo
 from gr2_core.sft import train_sft
 from gr2_core.training import StopAfter, train
 from tests.test_midtrain import _first_new, _settings, _table
 from tests.test_midtrain import student as student  # noqa: F401 (the module fixture)
+from tests.test_rl import BUDGET, SLATE, TextSpread
+from tests.test_rl import _cfg as _rl_cfg
+from tests.test_rl import _rows as _rl_rows
+from tests.test_rl import _tok as _rl_tok
 from tests.test_sft import _rows
 
 # float32 sums in another order (gloo's all-reduce of two halves vs one batch): losses agree to
@@ -108,3 +116,47 @@ def test_multi_gpu_launch_configs_parse_and_dry_run(name, expected):
     ]
     with pytest.raises(FileNotFoundError, match="launch_config infra/launch/nope.yaml"):
         distributed.command(args, 2, "infra/launch/nope.yaml")
+
+
+def test_dapo_with_dynamic_sampling_in_two_processes_matches_one(tiny, tmp_path):
+    """DAPO in 2 processes of one group each against 1 process of two groups: every group is
+    sampled with its own seed and dynamic sampling decides on the gathered rewards of the global
+    batch, so the rollouts (read from the rollout log the main process writes), the generation
+    rounds, the losses and the trained weights are one process's."""
+    tok = _rl_tok(tiny)
+    known = frozenset(SLATE)
+    common = dict(max_steps=2, save_steps=2, max_sampling_rounds=2, lr=1e-2)
+    runs = {}
+    for name, cfg in (
+        ("one", _rl_cfg(prompts_per_step=2, **common)),
+        ("two", _rl_cfg(prompts_per_step=1, processes=2, **common)),
+    ):
+        model, log = train_dapo(
+            tiny,
+            _rl_rows(),
+            tmp_path / name,
+            cfg,
+            tok,
+            known,
+            extra_rewards=(TextSpread(),),
+            budget=BUDGET,
+        )
+        rollouts = (tmp_path / name / "completions.jsonl").read_text().splitlines()
+        runs[name] = (model, log, [json.loads(r) for r in rollouts])
+    (ref, ref_log, ref_rollouts), (got, log, rollouts) = runs["one"], runs["two"]
+    assert len(_losses(log)) == 2
+    # on-policy, the policy loss is a sum of advantages (zero per group) up to float noise: the
+    # gradient's norm is what shows the same update
+    assert _losses(log) == pytest.approx(_losses(ref_log), abs=1e-6)
+    norms = [r["grad_norm"] for r in log if "grad_norm" in r]
+    assert norms == pytest.approx([r["grad_norm"] for r in ref_log if "grad_norm" in r], rel=1e-4)
+    assert rollouts == ref_rollouts
+    # the FLAT prompts' groups have zero reward variance: dynamic sampling drew more groups
+    dynamic = ["dynamic/extra_rounds", "dynamic/zero_std_before", "dynamic/zero_std_after"]
+    rounds = [[r[k] for k in dynamic] for r in log if "dynamic/extra_rounds" in r]
+    assert rounds == [[r[k] for k in dynamic] for r in ref_log if "dynamic/extra_rounds" in r]
+    assert len(rounds) == 2 and any(r[0] > 0 for r in rounds)
+    for key in ("reward", "monitor/identity_rate", "monitor/invalid_rate"):
+        mine = [r[key] for r in log if key in r]
+        assert mine == pytest.approx([r[key] for r in ref_log if key in r], rel=LOSS_RTOL), key
+    _same_weights(ref, got)
