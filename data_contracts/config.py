@@ -693,10 +693,10 @@ class EngineConfig(StageConfig):
 
 
 class RunnerConfig(StageConfig):
-    """Where a stage's parallel work runs: the teacher's shards and the evaluation's answer
-    shards (docs/scaling.md). Threads in the flow's process by default, or Ray tasks through
-    prefect-ray (`pip install -e '.[scale]'`) on a local Ray instance or a running cluster.
-    Operational: outputs do not depend on it."""
+    """Where a stage's parallel work runs: the teacher's shards, the evaluation's answer shards,
+    the item embeddings' and the CTC evaluation's shards (docs/scaling.md). Threads in the
+    flow's process by default, or Ray tasks through prefect-ray (`pip install -e '.[scale]'`)
+    on a local Ray instance or a running cluster. Operational: outputs do not depend on it."""
 
     kind: Literal["threads", "ray"] = Field(
         "threads",
@@ -709,15 +709,17 @@ class RunnerConfig(StageConfig):
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each task.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each task.")
-    eval_shards: int = Field(
+    shards: int = Field(
         2,
         ge=1,
-        description="On Ray: each evaluation method's slates answered in this many Ray tasks, "
-        "each a transformers engine of its own (with a vLLM engine the server batches instead).",
+        description="On Ray: a stage's batch work in this many Ray tasks of whole batches: each "
+        "evaluation method's slates (each task a transformers engine of its own; with a vLLM "
+        "engine the server batches instead), the item embeddings, the CTC evaluation's test "
+        "documents.",
     )
 
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
-        {"kind", "address", "num_cpus", "num_gpus", "eval_shards"}
+        {"kind", "address", "num_cpus", "num_gpus", "shards"}
     )
 
 

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from data_contracts.config import (
     PROFILES_DIR,
     PipelineConfig,
+    RunnerConfig,
     StageConfig,
     TrackingConfig,
     read_profile,
@@ -172,6 +173,7 @@ class CTCFlowConfig(StageConfig):
         "gr2-ctc-summarizer", description="MLflow registered model name for the trained model."
     )
     tracking: CTCTrackingConfig = CTCTrackingConfig()
+    runner: RunnerConfig = RunnerConfig()
 
 
 def load_ctc_profile(name_or_path: str | Path, overrides: dict | None = None) -> CTCFlowConfig:

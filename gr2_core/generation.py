@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from gr2_core.decoding import AnswerMachine, AnswerProcessor, AnswerTokens, answer_text
+from gr2_core.shards import batch_ranges
 from gr2_core.training import autocast
 
 METHODS = ("free", "constrained")  # decoded lists; `scored` ranks without decoding one
@@ -631,21 +632,19 @@ class ShardedEngine(Engine):
         n = len(messages)
         if n == 0:
             return []
-        batches = -(-n // self.batch_size)
-        per = -(-batches // self.shards) * self.batch_size  # rows per shard: whole batches
         parts = [
             AnswerShard(
                 self.model_dir,
-                list(messages[a : a + per]),
-                [list(x) for x in slates[a : a + per]],
+                list(messages[a:b]),
+                [list(x) for x in slates[a:b]],
                 method,
                 budget,
-                [list(h) for h in histories[a : a + per]] if histories is not None else None,
+                [list(h) for h in histories[a:b]] if histories is not None else None,
                 self.batch_size,
                 self.num_threads,
                 k,
             )
-            for k, a in enumerate(range(0, n, per))
+            for k, (a, b) in enumerate(batch_ranges(n, self.batch_size, self.shards))
         ]
         done = [c for part in self.map_shards(parts) for c in part]
         if progress:

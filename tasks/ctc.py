@@ -15,6 +15,7 @@ from data_contracts.ctc import CTCFlowConfig
 from data_contracts.manifest import Manifest, sha256_file
 from gr2_core.summarization import ctc, data, evaluate
 from gr2_core.summarization.data import aclsum_dir
+from tasks.runners import map_task
 from tasks.stage import Stage
 from tasks.tracking import Tracking
 
@@ -64,7 +65,19 @@ def ctc_eval(
         pairs.path("pairs"), model.path("model"), config.data.max_source_words, config.data.seed
     )
 
+    runner = config.runner
+    shards = runner.shards if runner.kind != "threads" else 1
+
+    def on_runner(parts: list[evaluate.CTCEvalShard]) -> list:
+        return map_task(ctc_eval_shard, [{"shard": p} for p in parts], runner, len(parts))
+
     def body(out: Path, run):
-        return evaluate.run(inputs, config.evaluation, out, get_run_logger())
+        return evaluate.run(inputs, config.evaluation, out, get_run_logger(), on_runner, shards)
 
     return EVAL.run(config, [pairs, model], tracking, body)
+
+
+@task(task_run_name="ctc-eval-shard-{shard.index}")
+def ctc_eval_shard(shard: evaluate.CTCEvalShard):
+    """One shard of the test pairs scored by every system, where the runner puts it (Ray)."""
+    return evaluate.score_shard(shard)

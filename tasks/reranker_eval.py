@@ -81,7 +81,7 @@ def reranker_eval(
     )
 
     runner = config.runner
-    shards = runner.eval_shards if runner.kind != "threads" else 1
+    shards = runner.shards if runner.kind != "threads" else 1
 
     def on_runner(parts: list[AnswerShard]) -> list:
         return map_task(eval_shard, [{"shard": p} for p in parts], runner, len(parts))

@@ -10,6 +10,7 @@ import gr2_core.semantic_ids.embeddings as emb_core
 import gr2_core.semantic_ids.tokenizer as tok_core
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
+from tasks.runners import map_task
 from tasks.stage import Stage
 from tasks.tracking import Tracking
 
@@ -26,17 +27,31 @@ EMBED = Stage(
 SIDS = Stage("semantic_ids", lambda c: c.semantic_ids, __name__, core=tok_core.__name__)
 
 
+@task(task_run_name="embed-shard-{shard.index}")
+def embed_shard(shard: emb_core.EmbedShard):
+    """One shard of the items' embeddings, where the runner puts it (a Ray worker)."""
+    return emb_core.embed_shard(shard)
+
+
 @task(name="embeddings", cache_key_fn=EMBED.cache_key_fn, persist_result=True)
 def embeddings(
     config: PipelineConfig, data: Manifest, tracking: Tracking, preranker: Manifest | None = None
 ) -> Manifest:
-    """MiniLM embeddings of 'title | year | genres' (+ pre-ranker item vectors if configured)."""
+    """MiniLM embeddings of 'title | year | genres' (+ pre-ranker item vectors if configured),
+    in `runner.shards` Ray tasks on the Ray runner."""
     folder = Path(preranker.directory) if preranker is not None else None
     inputs = emb_core.EmbeddingInputs(data.path("items"), folder)
     upstream = [data] + ([preranker] if preranker is not None else [])
-    return EMBED.run(
-        config, upstream, tracking, lambda out, run: emb_core.run(inputs, config.embeddings, out)
-    )
+    runner = config.runner
+    shards = runner.shards if runner.kind != "threads" else 1
+
+    def on_runner(parts: list[emb_core.EmbedShard]) -> list:
+        return map_task(embed_shard, [{"shard": p} for p in parts], runner, len(parts))
+
+    def body(out: Path, run):
+        return emb_core.run(inputs, config.embeddings, out, on_runner, shards)
+
+    return EMBED.run(config, upstream, tracking, body)
 
 
 @task(name="semantic_ids", cache_key_fn=SIDS.cache_key_fn, persist_result=True)

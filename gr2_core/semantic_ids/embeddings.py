@@ -6,6 +6,7 @@ package and loaded with plain transformers (no hub access, no sentence-transform
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from transformers import AutoModel, AutoTokenizer
 from data_contracts.config import EmbeddingConfig
 from gr2_core.data import package_dir
 from gr2_core.output import StageOutput
+from gr2_core.shards import batch_ranges
 
 
 def default_model_path() -> Path:
@@ -83,18 +85,52 @@ def check_embeddings(x: np.ndarray, item_ids: list[str], expected_dim: int | Non
 
 
 @dataclass(frozen=True)
+class EmbedShard:
+    """Texts to embed in a task of their own (a Ray task): whole batches of the stage's."""
+
+    texts: list[str]
+    model_path: str | None
+    batch_size: int
+    max_length: int
+    index: int
+
+
+def embed_shard(shard: EmbedShard) -> np.ndarray:
+    path = Path(shard.model_path) if shard.model_path else None
+    return embed_texts(shard.texts, path, shard.batch_size, shard.max_length)
+
+
+MapShards = Callable[[list[EmbedShard]], list[np.ndarray]]
+
+
+@dataclass(frozen=True)
 class EmbeddingInputs:
     items: Path  # the data stage's items
     preranker: Path | None = None  # the preranker stage's folder, with `with_collaborative`
 
 
-def run(inputs: EmbeddingInputs, cfg: EmbeddingConfig, out: Path) -> StageOutput:
+def run(
+    inputs: EmbeddingInputs,
+    cfg: EmbeddingConfig,
+    out: Path,
+    map_shards: MapShards | None = None,
+    shards: int = 1,
+) -> StageOutput:
     """Stage `embeddings`: MiniLM embeddings of 'title | year | genres' per item, with the
-    pre-ranker's (normalised) item vectors appended when `cfg.with_collaborative`."""
+    pre-ranker's (normalised) item vectors appended when `cfg.with_collaborative`. With
+    `map_shards` (the stage's task runner, e.g. Ray tasks) the items are embedded in `shards`
+    parts of whole batches: the same vectors as in one pass."""
     items = pl.read_parquet(inputs.items)
     texts = item_texts(items)
-    model_path = Path(cfg.model_path) if cfg.model_path else None
-    x = embed_texts(texts, model_path, cfg.batch_size, cfg.max_length)
+    if map_shards is not None and shards > 1:
+        parts = [
+            EmbedShard(texts[a:b], cfg.model_path, cfg.batch_size, cfg.max_length, k)
+            for k, (a, b) in enumerate(batch_ranges(len(texts), cfg.batch_size, shards))
+        ]
+        x = np.concatenate(map_shards(parts))
+    else:
+        model_path = Path(cfg.model_path) if cfg.model_path else None
+        x = embed_texts(texts, model_path, cfg.batch_size, cfg.max_length)
     if cfg.with_collaborative:
         if inputs.preranker is None:
             raise ValueError("embeddings.with_collaborative needs the preranker stage's output")

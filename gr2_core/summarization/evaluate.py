@@ -20,6 +20,7 @@ import polars as pl
 
 from gr2_core.metrics import bootstrap_ci
 from gr2_core.output import Log, StageOutput
+from gr2_core.shards import batch_ranges
 from gr2_core.summarization.baselines import lead_n, lead_words, timed, truncated
 from gr2_core.summarization.ctc import DecodeOptions, Summarizer, from_config
 from gr2_core.summarization.data import SummaryPair, asr_noise, cap_pairs, read_pairs
@@ -248,9 +249,12 @@ def score_conditions(
     seed: int,
     conditions: dict[str, float],
     on_condition: Callable[[str], None] | None = None,
+    vocabulary: list[str] | None = None,
 ) -> pl.DataFrame:
     """Every system on every test condition (name -> simulated ASR noise rate): plain greedy,
-    length-controlled greedy and beam CTC, Lead-N on all test pairs, the LLM on `llm_pairs`."""
+    length-controlled greedy and beam CTC, Lead-N on all test pairs, the LLM on `llm_pairs`
+    (none: not scored). The noise draws its words from `vocabulary` (default: the test
+    documents'; a shard of them passes every document's)."""
     systems = {
         "ctc-greedy": ctc_system(summarizer, DecodeOptions("greedy", max_len=cfg.max_len)),
         f"ctc-len{tuned.length}-span{tuned.span}": ctc_system(
@@ -263,17 +267,87 @@ def score_conditions(
     }
     frames = []
     docs = truncated([p.document for p in test], words)
-    vocab = sorted({w for doc in docs for w in doc.split()})
+    vocab = vocabulary if vocabulary is not None else words_of(docs)
     for name, rate in conditions.items():
         sources = [asr_noise(doc, rate, seed, vocab) for doc in docs]
         for system, fn in systems.items():
             frames.append(score_system(system, fn, test, sources, name, cfg.level))
-        by_id = dict(zip([p.id for p in test], sources, strict=True))
-        llm_sources = [by_id[p.id] for p in llm_pairs]
-        frames.append(score_system("llm-zero-shot", llm, llm_pairs, llm_sources, name, cfg.level))
+        if llm_pairs:
+            by_id = dict(zip([p.id for p in test], sources, strict=True))
+            llm_sources = [by_id[p.id] for p in llm_pairs]
+            frames.append(
+                score_system("llm-zero-shot", llm, llm_pairs, llm_sources, name, cfg.level)
+            )
         if on_condition:
             on_condition(name)
     return pl.concat(frames)
+
+
+def words_of(documents: Sequence[str]) -> list[str]:
+    """The distinct words of `documents`, sorted: the simulated ASR noise's vocabulary."""
+    return sorted({w for doc in documents for w in doc.split()})
+
+
+@dataclass(frozen=True)
+class CTCEvalShard:
+    """Test pairs scored in a task of their own (a Ray task): every system on every condition,
+    with the settings tuned on valid and the noise vocabulary of all test documents."""
+
+    pairs: Path  # the ctc_data stage's pairs
+    model: Path  # the ctc_train stage's model folder
+    ids: list[str]  # this shard's test pairs, in test order
+    llm_ids: list[str]  # those of them the LLM summarizes
+    vocabulary: list[str]
+    tuned: Tuned
+    cfg: Any  # CTCEvalConfig
+    words: int
+    seed: int
+    index: int
+
+
+def score_shard(shard: CTCEvalShard) -> pl.DataFrame:
+    """`score_conditions` on one shard's pairs; its rows carry the shard's index (`shard`)."""
+    from gr2_core.summarization.baselines import LLMSummarizer
+
+    mine, llm_ids = set(shard.ids), set(shard.llm_ids)
+    test = [p for p in read_pairs(shard.pairs, "test") if p.id in mine]
+    llm_pairs = [p for p in test if p.id in llm_ids]
+    cfg = shard.cfg
+    llm = None  # a shard without the LLM's pairs does not load it
+    if llm_pairs:
+        llm = LLMSummarizer(cfg.llm_source, cfg.llm_max_new_tokens, cfg.num_threads)
+    frame = score_conditions(
+        Summarizer.load(shard.model),
+        llm,
+        test,
+        llm_pairs,
+        shard.tuned,
+        cfg,
+        shard.words,
+        shard.seed,
+        conditions(cfg.noise_rates),
+        vocabulary=shard.vocabulary,
+    )
+    return frame.with_columns(pl.lit(shard.index).alias("shard"))
+
+
+def merge_shards(frames: Sequence[pl.DataFrame], names: Sequence[str]) -> pl.DataFrame:
+    """The shards' scores in the order one pass writes them: by condition (in `names` order),
+    system (in the order they were scored), then shard; each shard's pairs in test order."""
+    scores = pl.concat(frames)
+    systems = scores["system"].unique(maintain_order=True).to_list()
+    rank = {
+        "c": pl.col("condition").replace_strict({c: i for i, c in enumerate(names)}),
+        "s": pl.col("system").replace_strict({c: i for i, c in enumerate(systems)}),
+    }
+    return (
+        scores.with_columns(**rank)
+        .sort("c", "s", "shard", maintain_order=True)
+        .drop("c", "s", "shard")
+    )
+
+
+MapShards = Callable[[list[CTCEvalShard]], list[pl.DataFrame]]
 
 
 def conditions(rates: Sequence[float]) -> dict[str, float]:
@@ -289,10 +363,19 @@ class CTCEvalInputs:
     seed: int  # ASR noise, the LLM's pair sample and the bootstrap
 
 
-def run(inputs: CTCEvalInputs, cfg: CTCEvalConfig, out: Path, log: Log) -> StageOutput:
+def run(
+    inputs: CTCEvalInputs,
+    cfg: CTCEvalConfig,
+    out: Path,
+    log: Log,
+    map_shards: MapShards | None = None,
+    shards: int = 1,
+) -> StageOutput:
     """Stage `ctc_eval`: CTC (greedy, length-controlled greedy, beam), Lead-N and the zero-shot
     LLM on the test split, clean and with simulated ASR noise; decoding settings picked on valid;
-    intervals clustered by document."""
+    intervals clustered by document. With `map_shards` (the stage's task runner, e.g. Ray
+    tasks) the test pairs are scored in `shards` contiguous parts (`score_shard`), each loading
+    the models itself: the same scores in the same order (the seconds are each task's)."""
     from data_contracts.summaries import SUMMARY_SCORES
     from data_contracts.tables import validate
     from gr2_core.plots import close, summarizer_bars
@@ -304,19 +387,41 @@ def run(inputs: CTCEvalInputs, cfg: CTCEvalConfig, out: Path, log: Log) -> Stage
     words = inputs.max_source_words
     tuned = tune(summarizer, read_pairs(inputs.pairs, "valid"), train, cfg, words)
     log.info("ctc_eval: picked on valid by ROUGE-L: %s", tuned)
-    llm = LLMSummarizer(cfg.llm_source, cfg.llm_max_new_tokens, cfg.num_threads)
-    frames = score_conditions(
-        summarizer,
-        llm,
-        test,
-        cap_pairs(test, cfg.llm_max_pairs, inputs.seed),
-        tuned,
-        cfg,
-        words,
-        inputs.seed,
-        conditions(cfg.noise_rates),
-        lambda name: log.info("ctc_eval: condition %s scored", name),
-    )
+    llm_pairs = cap_pairs(test, cfg.llm_max_pairs, inputs.seed)
+    if map_shards is not None and shards > 1:
+        llm_ids = {p.id for p in llm_pairs}
+        vocabulary = words_of(truncated([p.document for p in test], words))
+        parts = [
+            CTCEvalShard(
+                inputs.pairs,
+                inputs.model,
+                [p.id for p in test[a:b]],
+                [p.id for p in test[a:b] if p.id in llm_ids],
+                vocabulary,
+                tuned,
+                cfg,
+                words,
+                inputs.seed,
+                k,
+            )
+            for k, (a, b) in enumerate(batch_ranges(len(test), 1, shards))
+        ]
+        log.info("ctc_eval: %d test pairs in %d shards on the runner", len(test), len(parts))
+        frames = merge_shards(map_shards(parts), list(conditions(cfg.noise_rates)))
+    else:
+        llm = LLMSummarizer(cfg.llm_source, cfg.llm_max_new_tokens, cfg.num_threads)
+        frames = score_conditions(
+            summarizer,
+            llm,
+            test,
+            llm_pairs,
+            tuned,
+            cfg,
+            words,
+            inputs.seed,
+            conditions(cfg.noise_rates),
+            lambda name: log.info("ctc_eval: condition %s scored", name),
+        )
     scores = validate(SUMMARY_SCORES, frames, "ctc_eval scores")
     table = summary_table(scores, cfg.bootstrap_samples, inputs.seed)
     scores.write_parquet(out / "scores.parquet")

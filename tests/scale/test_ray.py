@@ -1,7 +1,7 @@
-"""The teacher's shards and the evaluation's answer shards as Ray tasks through prefect-ray's task
-runner, on a Ray head started here on 127.0.0.1 (as a cluster's head would be): the ci flow writes
-the same traces and the same answers as with Prefect's thread pool, and the shards ran in Ray's
-worker processes."""
+"""The teacher's shards, the evaluation's answer shards and the item embeddings' shards as Ray tasks
+through prefect-ray's task runner, on a Ray head started here on 127.0.0.1 (as a cluster's head
+would be): the ci flow writes the same traces, answers and vectors as with Prefect's thread pool,
+and the shards ran in Ray's worker processes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
@@ -78,7 +79,7 @@ def test_shards_on_ray_write_what_the_thread_pool_writes(prefect_harness, ray_he
         "teacher.modes": ["grounded"],  # the teacher without a model server: fast, offline
         "teacher.shards": SHARDS,
         "teacher.parallel_shards": SHARDS,
-        "runner.eval_shards": SHARDS,
+        "runner.shards": SHARDS,
         "sft.eval_batch_size": 2,  # 6 decoded slates a split: 3 batches, so 2 shards
         "rl.variants": [],
         "registry.enabled": False,
@@ -89,11 +90,14 @@ def test_shards_on_ray_write_what_the_thread_pool_writes(prefect_harness, ray_he
     assert tables_threads["grounded_attempts"].height > 0
 
     answers_threads = _answers(root)
+    embedded = _published(root, "embeddings")
+    vectors = np.load(embedded.path("embeddings"))
 
-    # the same run on Ray: the traces and evaluation outputs moved away, Prefect's cache records
-    # ignored, so both are computed again (on Ray) and every other stage reuses its output
-    shutil.move(root / "traces", tmp_path / "traces-threads")
-    shutil.move(root / EVAL, tmp_path / "eval-threads")
+    # the same run on Ray: the embeddings, traces and evaluation outputs moved away, Prefect's
+    # cache records ignored, so the three are computed again (on Ray) and every other stage
+    # reuses its output
+    for stage in ("embeddings", "traces", EVAL):
+        shutil.move(root / stage, tmp_path / f"{stage}-threads")
     on_ray = load_profile(
         "ci", overrides | {"runner.kind": "ray", "runner.address": ray_head["address"]}
     )
@@ -111,6 +115,9 @@ def test_shards_on_ray_write_what_the_thread_pool_writes(prefect_harness, ray_he
     answers_ray = _answers(root)
     assert answers_ray[0].equals(answers_threads[0])
     assert answers_ray[1].equals(answers_threads[1])
+    # the item embeddings (in two Ray tasks of whole batches): the same vectors
+    assert _published(root, "embeddings").mlflow_run_id != embedded.mlflow_run_id
+    assert np.array_equal(np.load(_published(root, "embeddings").path("embeddings")), vectors)
     # each shard ran as a Prefect task run inside one of the head's Ray workers
     logs = "".join(
         p.read_text(errors="replace") for p in ray_head["tmp"].glob("session_*/logs/worker-*")
@@ -118,3 +125,37 @@ def test_shards_on_ray_write_what_the_thread_pool_writes(prefect_harness, ray_he
     for k in range(SHARDS):
         assert f"grounded-shard-{k}" in logs, k
         assert f"eval-free-shard-{k}" in logs and f"eval-scored-shard-{k}" in logs, k
+        assert f"embed-shard-{k}" in logs, k
+
+
+def test_ctc_evaluation_on_ray_scores_what_one_pass_scores(prefect_harness, ray_head, tmp_path):
+    """The CTC flow's evaluation with its test pairs in Ray tasks: the same predictions and
+    scores, in the same order, as the stage scoring them in one pass."""
+    from data_contracts.ctc import load_ctc_profile
+    from flows.ctc_summarization import ctc_summarization
+
+    root = tmp_path / "ctc-artifacts"
+    overrides = {
+        "artifacts_root": str(root),
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow-ctc.db'}",
+        "runner.shards": SHARDS,
+    }
+    one_pass = load_ctc_profile("ci", overrides)
+    assert ctc_summarization(one_pass, return_state=True).is_completed()
+    before = _published(root, "ctc_eval")
+    scores = pl.read_parquet(before.path("scores")).drop("seconds")
+
+    shutil.move(root / "ctc_eval", tmp_path / "ctc_eval-threads")
+    on_ray = load_ctc_profile(
+        "ci", overrides | {"runner.kind": "ray", "runner.address": ray_head["address"]}
+    )
+    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
+        assert ctc_summarization(on_ray, return_state=True).is_completed()
+    after = _published(root, "ctc_eval")
+    assert after.key == before.key and after.mlflow_run_id != before.mlflow_run_id
+    assert pl.read_parquet(after.path("scores")).drop("seconds").equals(scores)
+    logs = "".join(
+        p.read_text(errors="replace") for p in ray_head["tmp"].glob("session_*/logs/worker-*")
+    )
+    for k in range(SHARDS):
+        assert f"ctc-eval-shard-{k}" in logs, k
