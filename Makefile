@@ -117,8 +117,9 @@ bench-serving: install  # needs a registered champion of the profile (make run)
 	$(BIN)/python benchmarks/serving_load.py --profile demo --doc docs/benchmarks.md
 
 # training tokens/s with 1 and 2 processes at the same global batch (docs/scaling.md)
-bench-scaling: install
+bench-scaling: install teacher-env $(BIN)/.scale-installed
 	$(BIN)/python benchmarks/scaling.py --processes 1 2 --steps 4 --doc docs/scaling.md
+	$(BIN)/python benchmarks/ray_scaling.py --workers 1 2 --doc docs/scaling.md
 
 crash-matrix: install teacher-env
 	bash infra/crash_matrix.sh

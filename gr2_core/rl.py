@@ -212,6 +212,12 @@ def dapo_trainer_class():
             super().__init__(*args, **kwargs)
             if engine is not None and sync_dir is None:
                 raise ValueError("rollouts from an engine need a sync_dir for the weights")
+            if engine is not None and sharded_weights(self):
+                raise NotImplementedError(
+                    "rollouts from a vLLM server need the whole policy in the main process to "
+                    "sync it; with FSDP or DeepSpeed ZeRO-3 it holds a shard: train DAPO with "
+                    "DDP or ZeRO-2 (rl.launch_config), or set engine.backend=transformers"
+                )
             self.engine, self.sync_dir = engine, sync_dir
             self._served_step = -1  # the first rollout batch syncs (a resumed policy too)
             self._rollout_batches = 0
@@ -528,6 +534,14 @@ def dapo_trainer_class():
             return mine
 
     return DAPOTrainer
+
+
+def sharded_weights(trainer) -> bool:
+    """Whether the trainer's processes each hold only a shard of the weights (FSDP, ZeRO-3)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
 
 
 def loss_mask_without(

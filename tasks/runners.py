@@ -13,6 +13,7 @@ artifacts root on shared storage, since shards write their files there.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 from prefect import Task
@@ -50,12 +51,32 @@ def map_task(
     runner = task_runner(cfg, max_workers)
     with runner:
         if cfg.kind == "ray":
+            from prefect.settings import PREFECT_API_URL, temporary_settings
             from prefect_ray.context import remote_options
 
-            with remote_options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus):
+            url = temporary_api_url()
+            api = temporary_settings({PREFECT_API_URL: url}) if url else nullcontext()
+            with api, remote_options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus):
                 futures = [runner.submit(task, dict(c)) for c in calls]
         else:
             futures = [runner.submit(task, dict(c)) for c in calls]
         for f in futures:
             f.wait()
         return [f.result() for f in futures]
+
+
+def temporary_api_url() -> str | None:
+    """The URL of the temporary Prefect server this process runs its flow against, when no
+    Prefect API is configured (`gr2 run` without PREFECT_API_URL); None when one is. prefect-ray
+    sends a task the submitting process's settings, and without a URL in them each Ray task would
+    start a temporary server of its own (seconds per task, its runs out of the flow's sight)."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    # Prefect keeps one instance per port; the running one is this process's temporary server
+    servers = getattr(SubprocessASGIServer, "_instances", {}).values()
+    running = [s for s in servers if getattr(s, "running", False)]
+    return running[0].api_url if running else None

@@ -342,3 +342,18 @@ def test_cpu_completion_logps_match_trls_fused_head(tiny):
     out.log_probs[:, -keep:].sum().backward()
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_vllm_rollouts_are_refused_when_processes_hold_weight_shards():
+    """The main process syncs the whole policy to the vLLM server: with FSDP or ZeRO-3 it only
+    holds a shard, so those launches are refused; DDP and ZeRO-2 hold whole weights."""
+    from types import SimpleNamespace as NS
+
+    from gr2_core.rl import sharded_weights
+
+    def trainer(fsdp: bool, stage: int | None):
+        plugin = None if stage is None else NS(zero_stage=stage)
+        return NS(is_fsdp_enabled=fsdp, accelerator=NS(state=NS(deepspeed_plugin=plugin)))
+
+    assert sharded_weights(trainer(True, None)) and sharded_weights(trainer(False, 3))
+    assert not sharded_weights(trainer(False, None)) and not sharded_weights(trainer(False, 2))

@@ -31,9 +31,14 @@ EVAL = eval_stage(sft_stage("grounded"))
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head` on 127.0.0.1 with two CPUs; stopped (with its workers) after."""
+    """`ray start --head` on 127.0.0.1 with two CPUs; stopped (with its workers) after. Token
+    authentication is off for the head and this process (the driver) alike: Ray switches it on
+    for a head when `~/.ray/auth_token` exists (any earlier local `ray.init` writes one), and a
+    driver then needs RAY_AUTH_MODE=token (docs/scaling.md)."""
     tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are capped
     port = free_port()
+    before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1"]
     cmd += ["--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"]
@@ -45,6 +50,10 @@ def ray_head():
     finally:
         subprocess.run([str(BIN / "ray"), "stop"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(tmp, ignore_errors=True)
+        if before is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = before
 
 
 def _published(root: Path, stage: str) -> Manifest:
