@@ -15,7 +15,7 @@ from data_contracts.ctc import CTCFlowConfig
 from data_contracts.manifest import Manifest, sha256_file
 from gr2_core.summarization import ctc, data, evaluate
 from gr2_core.summarization.data import aclsum_dir
-from tasks.runners import map_task
+from tasks.runners import map_task, shard_count
 from tasks.stage import Stage
 from tasks.tracking import Tracking
 
@@ -66,7 +66,7 @@ def ctc_eval(
     )
 
     runner = config.runner
-    shards = runner.shards if runner.kind != "threads" else 1
+    shards = shard_count(runner)
 
     def on_runner(parts: list[evaluate.CTCEvalShard]) -> list:
         return map_task(ctc_eval_shard, [{"shard": p} for p in parts], runner, len(parts))

@@ -19,7 +19,7 @@ from data_contracts.rerankers import EVAL_STAGES
 from gr2_core import rerank_eval as core
 from gr2_core.report import method_label
 from tasks.inputs import prompt_identity
-from tasks.runners import map_task
+from tasks.runners import map_task, shard_count
 from tasks.stage import Stage
 from tasks.tracking import Tracking
 
@@ -81,7 +81,7 @@ def reranker_eval(
     )
 
     runner = config.runner
-    shards = runner.shards if runner.kind != "threads" else 1
+    shards = shard_count(runner)
 
     def on_runner(parts: list[AnswerShard]) -> list:
         return map_task(eval_shard, [{"shard": p} for p in parts], runner, len(parts))

@@ -41,6 +41,12 @@ def task_runner(cfg: RunnerConfig, max_workers: int) -> TaskRunner:
     return RayTaskRunner(address=cfg.address, init_kwargs=init)
 
 
+def shard_count(cfg: RunnerConfig) -> int:
+    """How many shards a stage splits its batch work into: `cfg.shards` on Ray, 1 (the stage's
+    own pass) with threads."""
+    return cfg.shards if cfg.kind != "threads" else 1
+
+
 def map_task(
     task: Task, calls: Sequence[Mapping[str, Any]], cfg: RunnerConfig, max_workers: int
 ) -> list:

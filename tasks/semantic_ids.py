@@ -10,7 +10,7 @@ import gr2_core.semantic_ids.embeddings as emb_core
 import gr2_core.semantic_ids.tokenizer as tok_core
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
-from tasks.runners import map_task
+from tasks.runners import map_task, shard_count
 from tasks.stage import Stage
 from tasks.tracking import Tracking
 
@@ -43,7 +43,7 @@ def embeddings(
     inputs = emb_core.EmbeddingInputs(data.path("items"), folder)
     upstream = [data] + ([preranker] if preranker is not None else [])
     runner = config.runner
-    shards = runner.shards if runner.kind != "threads" else 1
+    shards = shard_count(runner)
 
     def on_runner(parts: list[emb_core.EmbedShard]) -> list:
         return map_task(embed_shard, [{"shard": p} for p in parts], runner, len(parts))

@@ -138,36 +138,32 @@ class CountingEngine(VLLMEngine):
         return super().load_weights(model, folder)
 
 
+def dapo_inputs(**settings):
+    """DAPO on the two slates: 4 optimizer steps in 2 rollout batches of one group (a process),
+    short budget-forced completions; (RLConfig, rows, known SIDs)."""
+    from data_contracts.config import RLConfig
+
+    base = dict(group_size=4, prompts_per_step=1, mini_batches=2, micro_batch_size=2)
+    base |= dict(max_steps=4, save_steps=2, lr=1e-3, temperature=1.0, max_completion_length=64)
+    base |= dict(overlong_cache=0, max_sampling_rounds=0, num_threads=2)
+    rows = [
+        {"prompt": m, "slate": s, "target": s[1], "prompt_index": k}
+        for k, (m, s) in enumerate(zip(MESSAGES, SLATES, strict=True))
+    ]
+    return RLConfig(**(base | settings)), rows, frozenset(sid for s in SLATES for sid in s)
+
+
 def test_dapo_rollouts_come_from_the_server_synced_to_the_policy(served, tmp_path):
     """DAPO with the engine: 4 optimizer steps in 2 rollout batches of one group, so the server
     reloads the policy before each batch (the first included: it may serve other weights), the
     second time with weights the optimizer moved; every rollout is a valid constrained answer
     within the machine, and the forced tokens are out of the loss."""
-    from data_contracts.config import RLConfig
     from gr2_core.rl import train_dapo
 
     folder, base = served
     engine = CountingEngine(base.base_url, base.model, base.tok, concurrency=8)
     engine.syncs = []
-    cfg = RLConfig(
-        group_size=4,
-        prompts_per_step=1,
-        mini_batches=2,
-        micro_batch_size=2,
-        max_steps=4,
-        save_steps=2,
-        lr=1e-3,
-        temperature=1.0,
-        max_completion_length=64,
-        overlong_cache=0,
-        max_sampling_rounds=0,
-        num_threads=2,
-    )
-    rows = [
-        {"prompt": m, "slate": s, "target": s[1], "prompt_index": k}
-        for k, (m, s) in enumerate(zip(MESSAGES, SLATES, strict=True))
-    ]
-    known = frozenset(sid for s in SLATES for sid in s)
+    cfg, rows, known = dapo_inputs()
     _, history = train_dapo(folder, rows, tmp_path, cfg, engine.tok, known, budget=8, engine=engine)
     assert max(r["step"] for r in history) == 4
     assert len(engine.syncs) == 2 and engine.syncs[0] != engine.syncs[1]  # the policy moved

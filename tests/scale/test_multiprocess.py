@@ -14,7 +14,7 @@ from data_contracts.config import SFTConfig
 from gr2_core.rl import train_dapo
 from gr2_core.sft import train_sft
 from gr2_core.training import StopAfter, train
-from tests.test_engine_vllm import MESSAGES, SLATES
+from tests.test_engine_vllm import dapo_inputs
 from tests.test_engine_vllm import served as served  # noqa: F401 (the module's vLLM server)
 from tests.test_midtrain import _first_new, _settings, _table
 from tests.test_midtrain import student as student  # noqa: F401 (the module fixture)
@@ -168,28 +168,8 @@ def test_dapo_in_two_processes_shares_one_vllm_server(served, tmp_path):  # noqa
     """DAPO in 2 processes with rollouts from one vLLM server: the main process syncs the policy
     to the server before each rollout batch (the other waits), both processes' rollouts are
     valid constrained answers from it, and the main process logs all of them."""
-    from data_contracts.config import RLConfig
-
     folder, engine = served
-    cfg = RLConfig(
-        group_size=4,
-        prompts_per_step=1,  # a group per process
-        mini_batches=2,
-        micro_batch_size=2,
-        max_steps=4,
-        save_steps=2,
-        lr=1e-3,
-        max_completion_length=64,
-        overlong_cache=0,
-        max_sampling_rounds=0,
-        num_threads=1,
-        processes=2,
-    )
-    rows = [
-        {"prompt": m, "slate": s, "target": s[1], "prompt_index": k}
-        for k, (m, s) in enumerate(zip(MESSAGES, SLATES, strict=True))
-    ]
-    known = frozenset(sid for s in SLATES for sid in s)
+    cfg, rows, known = dapo_inputs(num_threads=1, processes=2)  # a group per process
     _, history = train_dapo(folder, rows, tmp_path, cfg, engine.tok, known, budget=8, engine=engine)
     assert max(r["step"] for r in history) == 4
     assert len([r for r in history if "timing/weight_sync_s" in r]) == 2  # at steps 0 and 2
