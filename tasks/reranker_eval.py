@@ -19,7 +19,7 @@ from data_contracts.rerankers import EVAL_STAGES
 from gr2_core import rerank_eval as core
 from gr2_core.report import method_label
 from tasks.inputs import prompt_identity
-from tasks.runners import map_task, shard_count
+from tasks.runners import StageRunner, shard_count
 from tasks.stage import Stage
 from tasks.tracking import Tracking
 
@@ -80,15 +80,16 @@ def reranker_eval(
         bootstrap=config.evaluation,
     )
 
-    runner = config.runner
-    shards = shard_count(runner)
-
-    def on_runner(parts: list[AnswerShard]) -> list:
-        return map_task(eval_shard, [{"shard": p} for p in parts], runner, len(parts))
+    shards = shard_count(config.runner)
 
     def body(out: Path, run):
         log = get_run_logger()
-        return core.run(inputs, config.sft, out, log, config.engine, on_runner, shards)
+        with StageRunner(config.runner, shards) as runner:  # one Ray instance for every method
+
+            def on_runner(parts: list[AnswerShard]) -> list:
+                return runner.map(eval_shard, [{"shard": p} for p in parts])
+
+            return core.run(inputs, config.sft, out, log, config.engine, on_runner, shards)
 
     upstream = [data, split, semantic_ids, candidates, model]
     return EVAL[stage].run(config, upstream, tracking, body)

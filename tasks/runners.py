@@ -47,28 +47,53 @@ def shard_count(cfg: RunnerConfig) -> int:
     return cfg.shards if cfg.kind != "threads" else 1
 
 
-def map_task(
-    task: Task, calls: Sequence[Mapping[str, Any]], cfg: RunnerConfig, max_workers: int
-) -> list:
-    """Run `task` once per parameter mapping in `calls` on the runner of `cfg`, all at once;
-    the results in call order (the first failure raised once every call has ended)."""
-    if not calls:
-        return []
-    runner = task_runner(cfg, max_workers)
-    with runner:
-        if cfg.kind == "ray":
+class StageRunner:
+    """One task runner for all of a stage's fan-outs: started at the first `map` (a stage that
+    never fans out starts nothing) and stopped when the stage's `with` block ends, so a stage
+    that fans out several times (an evaluation: each method on each split) starts one local Ray
+    instance, and its Ray workers keep their imports from one call to the next."""
+
+    def __init__(self, cfg: RunnerConfig, max_workers: int):
+        self.cfg, self.max_workers = cfg, max_workers
+        self._runner: TaskRunner | None = None
+
+    def __enter__(self) -> StageRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            runner.__exit__(*exc)
+
+    def map(self, task: Task, calls: Sequence[Mapping[str, Any]]) -> list:
+        """Run `task` once per parameter mapping in `calls`, all at once; the results in call
+        order (the first failure raised once every call has ended)."""
+        if not calls:
+            return []
+        if self._runner is None:
+            self._runner = task_runner(self.cfg, self.max_workers).__enter__()
+        runner = self._runner
+        if self.cfg.kind == "ray":
             from prefect.settings import PREFECT_API_URL, temporary_settings
             from prefect_ray.context import remote_options
 
             url = temporary_api_url()
             api = temporary_settings({PREFECT_API_URL: url}) if url else nullcontext()
-            with api, remote_options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus):
+            with api, remote_options(num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus):
                 futures = [runner.submit(task, dict(c)) for c in calls]
         else:
             futures = [runner.submit(task, dict(c)) for c in calls]
         for f in futures:
             f.wait()
         return [f.result() for f in futures]
+
+
+def map_task(
+    task: Task, calls: Sequence[Mapping[str, Any]], cfg: RunnerConfig, max_workers: int
+) -> list:
+    """`StageRunner.map` on a runner of its own, for a stage that fans out once."""
+    with StageRunner(cfg, max_workers) as runner:
+        return runner.map(task, calls)
 
 
 def temporary_api_url() -> str | None:

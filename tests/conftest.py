@@ -9,7 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# under pytest-xdist (infra/run_tests.sh runs two workers) each worker gets a Prefect home of its
+# under pytest-xdist (infra/run_tests.sh runs three workers) each worker gets a Prefect home of its
 # own: its own temporary API, result records and cache, so one worker's flows never see another's
 if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
     os.environ["PREFECT_HOME"] = str(

@@ -1,6 +1,6 @@
 """Data-parallel training in two torchrun processes on this CPU (gloo): mid-training, SFT and DAPO
-make the same optimizer steps as one process at the same global batch, and mid-training resumes
-after a crash with two processes."""
+make the same optimizer steps as one process at the same global batch, and mid-training and DAPO
+resume after a crash with two processes."""
 
 from __future__ import annotations
 
@@ -120,19 +120,20 @@ def test_multi_gpu_launch_configs_parse_and_dry_run(name, expected):
         distributed.command(args, 2, "infra/launch/nope.yaml")
 
 
-def test_dapo_with_dynamic_sampling_in_two_processes_matches_one(tiny, tmp_path):
+def test_dapo_with_dynamic_sampling_in_two_processes_matches_one_and_resumes(tiny, tmp_path):
     """DAPO in 2 processes of one group each against 1 process of two groups: every group is
     sampled with its own seed and dynamic sampling decides on the gathered rewards of the global
     batch, so the rollouts (read from the rollout log the main process writes), the generation
-    rounds, the losses and the trained weights are one process's."""
+    rounds, the losses and the trained weights are one process's. The two processes are killed
+    after step 2 (step 1 was checkpointed) and the same call resumes them: the rollout log is
+    trimmed to the checkpoint and the run ends as the uninterrupted one."""
     tok = _rl_tok(tiny)
     known = frozenset(SLATE)
-    common = dict(max_steps=2, save_steps=2, max_sampling_rounds=2, lr=1e-2)
-    runs = {}
-    for name, cfg in (
-        ("one", _rl_cfg(prompts_per_step=2, **common)),
-        ("two", _rl_cfg(prompts_per_step=1, processes=2, **common)),
-    ):
+    common = dict(max_steps=3, save_steps=1, max_sampling_rounds=2, lr=1e-2)
+    one = _rl_cfg(prompts_per_step=2, **common)
+    two = _rl_cfg(prompts_per_step=1, processes=2, **common)
+
+    def dapo(name, cfg, callbacks=()):
         model, log = train_dapo(
             tiny,
             _rl_rows(),
@@ -140,13 +141,21 @@ def test_dapo_with_dynamic_sampling_in_two_processes_matches_one(tiny, tmp_path)
             cfg,
             tok,
             known,
+            callbacks=callbacks,
             extra_rewards=(TextSpread(),),
             budget=BUDGET,
         )
         rollouts = (tmp_path / name / "completions.jsonl").read_text().splitlines()
-        runs[name] = (model, log, [json.loads(r) for r in rollouts])
+        return model, log, [json.loads(r) for r in rollouts]
+
+    runs = {"one": dapo("one", one)}
+    with pytest.raises(RuntimeError, match="2 processes .* exited with code"):
+        dapo("two", two, (StopAfter(2),))
+    ckpts = sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-1"]
+    runs["two"] = dapo("two", two)
     (ref, ref_log, ref_rollouts), (got, log, rollouts) = runs["one"], runs["two"]
-    assert len(_losses(log)) == 2
+    assert len(_losses(log)) == 3
     # on-policy, the policy loss is a sum of advantages (zero per group) up to float noise: the
     # gradient's norm is what shows the same update
     assert _losses(log) == pytest.approx(_losses(ref_log), abs=1e-6)
@@ -157,7 +166,7 @@ def test_dapo_with_dynamic_sampling_in_two_processes_matches_one(tiny, tmp_path)
     dynamic = ["dynamic/extra_rounds", "dynamic/zero_std_before", "dynamic/zero_std_after"]
     rounds = [[r[k] for k in dynamic] for r in log if "dynamic/extra_rounds" in r]
     assert rounds == [[r[k] for k in dynamic] for r in ref_log if "dynamic/extra_rounds" in r]
-    assert len(rounds) == 2 and any(r[0] > 0 for r in rounds)
+    assert len(rounds) == 3 and any(r[0] > 0 for r in rounds)
     for key in ("reward", "monitor/identity_rate", "monitor/invalid_rate"):
         mine = [r[key] for r in log if key in r]
         assert mine == pytest.approx([r[key] for r in ref_log if key in r], rel=LOSS_RTOL), key
