@@ -6,8 +6,9 @@
 # so the suite runs in GR2_TEST_WORKERS pytest-xdist workers (0 = in this process, e.g. for -s or
 # a debugger), each taking one test file at a time (a file's servers and module fixtures stay in
 # one worker). Default 3 on 2 cores: the flow tests spend much of their time waiting on servers
-# and subprocesses (2 workers kept 1.3 of the 2 cores busy; 3 workers ran the suite in 17 min 40 s
-# instead of 19 min 8 s, docs/timings.md).
+# and subprocesses (`GR2_TEST_WORKERS=2 bash infra/run_tests.sh` kept 1.3 of the 2 cores busy and
+# took 19 min 8 s here; 3 workers, with the deployment test polling faster, 17 min 40 s; a clean
+# clone's `make test`: docs/timings.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gr2_core.decoding import CLOSE, OPEN, AnswerTokens
-from gr2_core.generation import HFEngine, VLLMEngine
+from gr2_core.generation import HFEngine, VLLMEngine, prompt_ids, sid_ids
 from gr2_core.models import export_student
 from gr2_core.prompts import check_answer
 from gr2_core.semantic_ids.sidmap import encode_sid
@@ -126,6 +126,31 @@ def test_weight_sync_makes_the_server_serve_the_policy(served, fp32_reference, t
     after = engine.scores(MESSAGES[:1], SLATES[:1])[0].scores
     assert after == pytest.approx(expected, abs=0.05)
     assert seconds < 60
+
+
+def test_scoring_ranks_first_the_candidate_the_policy_was_trained_to_prefer(served, tmp_path):
+    """The policy fine-tuned to open its list with the candidate the server scores lowest, then
+    synced: scoring mode on the server ranks that candidate first, in a valid answer."""
+    folder, engine = served
+    tok, slate = engine.tok, SLATES[0]
+    before = engine.scores(MESSAGES[:1], [slate])[0].scores
+    target = min(range(len(slate)), key=lambda k: before[k])
+    fmt = AnswerTokens.of(tok)
+    head = [*prompt_ids(tok, MESSAGES[0]), *fmt.open, *fmt.close]  # scoring mode's prefix
+    ids = torch.tensor([head + sid_ids(tok, [slate[target]])[0]])
+    labels = ids.clone()
+    labels[0, : len(head)] = -100  # the loss on the target's SID tokens only
+    policy = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    for _ in range(10):
+        policy(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.load_weights(policy.eval(), tmp_path / "policy")
+    after = engine.scores(MESSAGES[:1], [slate])[0]
+    assert max(range(len(slate)), key=lambda k: after.scores[k]) == target, after.scores
+    assert check_answer(after.text, slate, frozenset(slate)).accepted
+    assert json.loads(after.text)["recommendations"][0] == slate[target]
 
 
 class CountingEngine(VLLMEngine):
