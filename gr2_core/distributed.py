@@ -137,11 +137,18 @@ def finish(trainer) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """One launched process: the target with the pickled arguments (it calls `finish`)."""
+    """One launched process: the target with the pickled arguments (it calls `finish`), then the
+    process group torn down before the interpreter exits (left to exit, gloo's threads were
+    destroyed while running and the process aborted after its work was done: "terminate called
+    without an active exception", seen once in the scale suite)."""
     target, payload, _result = argv
     module, name = target.split(":")
     fn = getattr(importlib.import_module(module), name)
     fn(**pickle.loads(Path(payload).read_bytes()))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
