@@ -55,6 +55,13 @@ def prompt_ids(tok, messages: list[dict]) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def scoring_head(tok, prompt: list[int]) -> list[int]:
+    """Scoring mode's prefix without an explanation: the prompt's tokens, then the answer opened
+    with an empty explanation up to where the list's first SID goes."""
+    fmt = AnswerTokens.of(tok)
+    return [*prompt, *fmt.open, *fmt.close]
+
+
 def sid_ids(tok, sids: Sequence[str]) -> list[list[int]]:
     return [tok(s, add_special_tokens=False)["input_ids"] for s in sids]
 
@@ -151,7 +158,7 @@ class Engine:
         prompts = [prompt_ids(self.tok, m) for m in messages]
         fmt = AnswerTokens.of(self.tok)
         explanations = [""] * len(prompts)
-        heads = [[*p, *fmt.open, *fmt.close] for p in prompts]
+        heads = [scoring_head(self.tok, p) for p in prompts]
         seconds = [0.0] * len(prompts)
         if budget > 0:
             machines = machines_for(self.tok, slates, "constrained", budget, histories)

@@ -21,7 +21,7 @@ from gr2_core.decoding import (
     answer_segments,
     fit_explanation,
 )
-from gr2_core.generation import HFEngine, machines_for, prompt_ids
+from gr2_core.generation import HFEngine, machines_for, prompt_ids, scoring_head
 from gr2_core.prompts import check_answer, parse_answer
 from gr2_core.semantic_ids.sidmap import encode_sid, sid_tokens
 from gr2_core.training import autocast
@@ -236,9 +236,8 @@ def test_scoring_mode_matches_a_forward_pass_per_candidate(student):
     engine = HFEngine(model, tok, batch_size=2)
     engine.score_batch_size = 2  # both slates in one forward: left padding and the tree mask
     done = engine.scores(messages, slates)  # no explanation: the opened, empty answer
-    fmt = AnswerTokens.of(tok)
     for msgs, slate, c in zip(messages, slates, done, strict=True):
-        head = [*prompt_ids(tok, msgs), *fmt.open, *fmt.close]
+        head = scoring_head(tok, prompt_ids(tok, msgs))
         expected = []
         for sid in slate:
             ids = tok(sid, add_special_tokens=False)["input_ids"]

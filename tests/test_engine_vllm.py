@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gr2_core.decoding import CLOSE, OPEN, AnswerTokens
-from gr2_core.generation import HFEngine, VLLMEngine, prompt_ids, sid_ids
+from gr2_core.generation import HFEngine, VLLMEngine, prompt_ids, scoring_head, sid_ids
 from gr2_core.models import export_student
 from gr2_core.prompts import check_answer
 from gr2_core.semantic_ids.sidmap import encode_sid
@@ -135,8 +135,7 @@ def test_scoring_ranks_first_the_candidate_the_policy_was_trained_to_prefer(serv
     tok, slate = engine.tok, SLATES[0]
     before = engine.scores(MESSAGES[:1], [slate])[0].scores
     target = min(range(len(slate)), key=lambda k: before[k])
-    fmt = AnswerTokens.of(tok)
-    head = [*prompt_ids(tok, MESSAGES[0]), *fmt.open, *fmt.close]  # scoring mode's prefix
+    head = scoring_head(tok, prompt_ids(tok, MESSAGES[0]))
     ids = torch.tensor([head + sid_ids(tok, [slate[target]])[0]])
     labels = ids.clone()
     labels[0, : len(head)] = -100  # the loss on the target's SID tokens only
